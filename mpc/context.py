@@ -1,0 +1,157 @@
+"""A party's view of one computation: rank, communicator, dealer, seeds, inputs.
+
+Set-up (:func:`setup_party`, :func:`setup_dealer`) runs once per computation:
+the dealer sends each party its 128-bit dealer seed, and each pair of parties
+agrees on a pairwise seed (the lower rank draws it and sends it).  Set-up
+traffic is not counted in the statistics.
+
+Inputs are shared without sending shares: for input number k, every non-owner
+j takes its share from the stream (seed_{owner,j}, k) and the owner takes
+x minus all of those.  The owner only tells the others the shape (one small
+message each, one round); nobody but the owner passes the value or the shape.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .comm import Communicator
+from .dealer import DealerClient
+from .errors import ProtocolError
+from .prg import SEED_BYTES, Stream, new_seed
+from .ring import DEFAULT_FRAC_BITS, encode
+
+if TYPE_CHECKING:
+    from .tensor import SharedTensor
+
+__all__ = ["Context", "setup_party", "setup_dealer", "MAX_INPUT_ELEMENTS"]
+
+_MAX_DIMS = 8
+#: largest input a party accepts to share (elements); guards against a hostile shape
+MAX_INPUT_ELEMENTS = 1 << 31
+# Stream ids under pairwise seeds are domain-separated by a tag in the top byte.
+_INPUT_TAG = 1 << 56
+_RANDOM_TAG = 2 << 56
+
+
+class Context:
+    """What a party program receives: ``rank``, ``parties``, ``share()``, ``stats()``."""
+
+    def __init__(
+        self,
+        comm: Communicator,
+        dealer_seed: bytes,
+        pair_seeds: dict[int, bytes],
+        *,
+        frac_bits: int = DEFAULT_FRAC_BITS,
+        truncation: str = "exact",
+    ):
+        if truncation not in ("exact", "local"):
+            raise ValueError(f"truncation must be 'exact' or 'local', got {truncation!r}")
+        if truncation == "local" and comm.parties != 2:
+            raise ValueError("truncation='local' needs exactly 2 parties; use 'exact'")
+        self.comm = comm
+        self.dealer = DealerClient(comm, dealer_seed)
+        self._pair_seeds = pair_seeds
+        self.frac_bits = frac_bits
+        self.truncation = truncation
+        self._inputs = 0
+        self._randoms = 0
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def parties(self) -> int:
+        return self.comm.parties
+
+    def stats(self) -> dict[str, int]:
+        """Bytes and rounds so far: ``bytes_sent``, ``bytes_received``, ``rounds``, ``dealer_bytes``, ..."""
+        return self.comm.stats.as_dict()
+
+    def share(self, value: Any, owner: int, *, frac_bits: int | None = None) -> "SharedTensor":
+        """Secret-share ``value`` held by party ``owner``; other parties pass ``None``.
+
+        Reals are encoded at ``frac_bits`` (default: the context's) fractional bits.
+        """
+        from .tensor import SharedTensor
+
+        if not 0 <= owner < self.parties:
+            raise ValueError(f"owner {owner} is not a party (0..{self.parties - 1})")
+        scale = self.frac_bits if frac_bits is None else frac_bits
+        index = self._inputs
+        self._inputs += 1
+        stream_id = _INPUT_TAG | index
+        if self.rank == owner:
+            if value is None:
+                raise ValueError(f"party {owner} owns this input but passed None")
+            ring = encode(value, scale)
+            if ring.ndim > _MAX_DIMS:
+                raise ValueError(f"inputs may have at most {_MAX_DIMS} dimensions, got {ring.ndim}")
+            header = np.zeros(_MAX_DIMS + 1, dtype=np.int64)
+            header[0] = ring.ndim
+            header[1 : 1 + ring.ndim] = ring.shape
+            self.comm.exchange({p: header for p in self.comm.peers}, {})
+            share = ring.copy()
+            for p in self.comm.peers:
+                share -= Stream(self._pair_seeds[p], stream_id).ring(ring.shape)
+        else:
+            (header,) = self.comm.exchange({}, {owner: ((_MAX_DIMS + 1,), np.int64)}).values()
+            shape = _parse_shape(owner, header)
+            share = Stream(self._pair_seeds[owner], stream_id).ring(shape)
+        return SharedTensor(self, share, scale)
+
+    def zero_shares(self, shape: tuple[int, ...]) -> np.ndarray:
+        """This party's share of a fresh sharing of zero (no communication)."""
+        index = self._randoms
+        self._randoms += 1
+        out = np.zeros(shape, dtype=np.int64)
+        for p, seed in self._pair_seeds.items():
+            mask = Stream(seed, _RANDOM_TAG | index).ring(shape)
+            if p > self.rank:
+                out += mask
+            else:
+                out -= mask
+        return out
+
+    def close(self) -> None:
+        self.dealer.stop()
+
+
+def _parse_shape(owner: int, header: np.ndarray) -> tuple[int, ...]:
+    ndim = int(header[0])
+    if not 0 <= ndim <= _MAX_DIMS:
+        raise ProtocolError(owner, f"input header claims {ndim} dimensions")
+    shape = tuple(int(d) for d in header[1 : 1 + ndim])
+    if any(d < 0 for d in shape) or int(np.prod(shape, dtype=object)) > MAX_INPUT_ELEMENTS:
+        raise ProtocolError(owner, f"input shape {shape} is negative or larger than {MAX_INPUT_ELEMENTS} elements")
+    if header[1 + ndim :].any():
+        raise ProtocolError(owner, "input header has data past its dimensions")
+    return shape
+
+
+def setup_party(comm: Communicator, **options: Any) -> Context:
+    """Receive the dealer seed and agree on pairwise seeds; returns a ready context."""
+    dealer_seed = comm.recv_raw(comm.dealer, (SEED_BYTES,), np.uint8).tobytes()
+    pair_seeds: dict[int, bytes] = {}
+    for p in comm.peers:
+        if comm.rank < p:
+            seed = new_seed()
+            pair_seeds[p] = seed
+            comm.send_raw(p, np.frombuffer(seed, dtype=np.uint8))
+    for p in comm.peers:
+        if p < comm.rank:
+            pair_seeds[p] = comm.recv_raw(p, (SEED_BYTES,), np.uint8).tobytes()
+    comm.reset_stats()
+    return Context(comm, dealer_seed, pair_seeds, **options)
+
+
+def setup_dealer(comm: Communicator) -> list[bytes]:
+    """Draw and send every party's dealer seed; returns them in rank order."""
+    seeds = [new_seed() for _ in range(comm.parties)]
+    for rank, seed in enumerate(seeds):
+        comm.send_raw(rank, np.frombuffer(seed, dtype=np.uint8))
+    return seeds

@@ -1,0 +1,1 @@
+"""Protocols: functions of local shares, a context (communicator and dealer), returning local shares."""
