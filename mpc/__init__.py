@@ -17,11 +17,13 @@ from .errors import EncodingRangeError, PeerFailure, PeerTimeout, PrimiaError, P
 from .functional import conv2d, linear, matmul
 from .ring import DEFAULT_FRAC_BITS, decode, encode
 from .runtime import run_local
+from .private import PrivateTensor
 from .tensor import SharedTensor, concatenate, pad, stack, where_public
 
 __all__ = [
     "Context",
     "SharedTensor",
+    "PrivateTensor",
     "run_local",
     "conv2d",
     "linear",

@@ -1,4 +1,4 @@
-"""The bilinear ring operations Beaver triples are made for: mul, matmul, conv2d.
+"""The bilinear ring operations Beaver triples are made for: mul, matmul, linear (x @ w.T), conv2d.
 
 One table serves the protocol (which evaluates the op on opened masks and local
 shares) and the dealer (which evaluates it on the masks themselves), so both
@@ -73,6 +73,12 @@ def _matmul_rule(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
     return out
 
 
+def _linear_shape(a: tuple[int, ...], b: tuple[int, ...], params: dict[str, Any]) -> tuple[int, ...]:
+    if len(b) != 2:
+        raise ValueError(f"linear weights must be 2-D (out, in), got {b}")
+    return _matmul_rule(a, (b[1], b[0]))
+
+
 def _conv_shape(a: tuple[int, ...], b: tuple[int, ...], params: dict[str, Any]) -> tuple[int, ...]:
     return conv_output_shape(a, b, params)
 
@@ -83,6 +89,11 @@ def _mul(a: np.ndarray, b: np.ndarray, params: dict[str, Any]) -> np.ndarray:
 
 def _matmul(a: np.ndarray, b: np.ndarray, params: dict[str, Any]) -> np.ndarray:
     return ring_matmul(a, b)
+
+
+def _linear(a: np.ndarray, b: np.ndarray, params: dict[str, Any]) -> np.ndarray:
+    # torch's layout: weights (out, in); x @ w.T without materialising the transpose's copy twice
+    return ring_matmul(a, np.ascontiguousarray(b.T))
 
 
 def _conv(a: np.ndarray, b: np.ndarray, params: dict[str, Any]) -> np.ndarray:
@@ -97,6 +108,7 @@ BILINEAR_OPS: dict[str, tuple[Callable[..., np.ndarray], Callable[..., tuple[int
     "mul": (_mul, _mul_shape),
     "matmul": (_matmul, lambda a, b, params: _matmul_rule(a, b)),
     "conv2d": (_conv, _conv_shape),
+    "linear": (_linear, _linear_shape),
 }
 
 

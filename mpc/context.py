@@ -24,6 +24,7 @@ from .prg import SEED_BYTES, Stream, new_seed
 from .ring import DEFAULT_FRAC_BITS, encode
 
 if TYPE_CHECKING:
+    from .private import PrivateTensor
     from .tensor import SharedTensor
 
 __all__ = ["Context", "setup_party", "setup_dealer", "MAX_INPUT_ELEMENTS"]
@@ -59,6 +60,7 @@ class Context:
         self.truncation = truncation
         self._inputs = 0
         self._randoms = 0
+        self._privates = 0
 
     @property
     def rank(self) -> int:
@@ -79,12 +81,34 @@ class Context:
         """
         from .tensor import SharedTensor
 
+        scale = self.frac_bits if frac_bits is None else frac_bits
+        ring, shape = self._announce(value, owner, scale)
+        stream_id = _INPUT_TAG | self._inputs
+        self._inputs += 1
+        if self.rank == owner:
+            share = ring.copy()
+            for p in self.comm.peers:
+                share -= Stream(self._pair_seeds[p], stream_id).ring(shape)
+        else:
+            share = Stream(self._pair_seeds[owner], stream_id).ring(shape)
+        return SharedTensor(self, share, scale)
+
+    def private(self, value: Any, owner: int, *, frac_bits: int | None = None) -> "PrivateTensor":
+        """A tensor party ``owner`` keeps in the clear (others pass ``None`` and learn its shape).
+
+        Products of shared tensors with it use the cheaper owned-operand
+        protocol (:mod:`mpc.protocols.owned`).  One round: the shape header.
+        """
+        from .private import PrivateTensor
+
+        scale = self.frac_bits if frac_bits is None else frac_bits
+        ring, shape = self._announce(value, owner, scale)
+        return PrivateTensor(self, owner, ring, shape, scale, self._next_private_id())
+
+    def _announce(self, value: Any, owner: int, scale: int) -> tuple[np.ndarray | None, tuple[int, ...]]:
+        """The owner encodes ``value`` and tells everyone its shape (one round)."""
         if not 0 <= owner < self.parties:
             raise ValueError(f"owner {owner} is not a party (0..{self.parties - 1})")
-        scale = self.frac_bits if frac_bits is None else frac_bits
-        index = self._inputs
-        self._inputs += 1
-        stream_id = _INPUT_TAG | index
         if self.rank == owner:
             if value is None:
                 raise ValueError(f"party {owner} owns this input but passed None")
@@ -95,14 +119,14 @@ class Context:
             header[0] = ring.ndim
             header[1 : 1 + ring.ndim] = ring.shape
             self.comm.exchange({p: header for p in self.comm.peers}, {})
-            share = ring.copy()
-            for p in self.comm.peers:
-                share -= Stream(self._pair_seeds[p], stream_id).ring(ring.shape)
-        else:
-            (header,) = self.comm.exchange({}, {owner: ((_MAX_DIMS + 1,), np.int64)}).values()
-            shape = _parse_shape(owner, header)
-            share = Stream(self._pair_seeds[owner], stream_id).ring(shape)
-        return SharedTensor(self, share, scale)
+            return ring, ring.shape
+        (header,) = self.comm.exchange({}, {owner: ((_MAX_DIMS + 1,), np.int64)}).values()
+        return None, _parse_shape(owner, header)
+
+    def _next_private_id(self) -> int:
+        ident = self._privates
+        self._privates += 1
+        return ident
 
     def zero_shares(self, shape: tuple[int, ...]) -> np.ndarray:
         """This party's share of a fresh sharing of zero (no communication)."""

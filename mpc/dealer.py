@@ -33,13 +33,17 @@ __all__ = [
     "Material",
     "BeaverTriple",
     "TruncationPair",
+    "OwnedTriple",
     "MATERIALS",
     "register_material",
     "DealerClient",
     "serve_dealer",
     "MAX_MATERIAL_ELEMENTS",
+    "WEIGHT_STREAM_TAG",
 ]
 
+#: stream ids under a dealer seed with this tag belong to named weights, not to requests
+WEIGHT_STREAM_TAG = 1 << 56
 #: largest tensor the dealer will make for one request (elements); guards its memory.
 MAX_MATERIAL_ELEMENTS = 1 << 31
 
@@ -123,6 +127,48 @@ class BeaverTriple(Material):
         return (a, b, received[0] if rank == 0 else c)
 
 
+class OwnedTriple(Material):
+    """Masks for a product of a shared x with party ``owner``'s plaintext W (see mpc.protocols.owned).
+
+    Every non-owner j draws A_j and C_j; the owner draws the fixed mask B of
+    weight ``weight`` from its seed (the same B on every request for that W).
+    The dealer sends the owner C_k = f(Σ A_j, B) − Σ C_j: |z| ring elements.
+    """
+
+    name = "owned_triple"
+
+    def validate(self, params: dict[str, Any]) -> None:
+        BeaverTriple().validate(params)
+        if not isinstance(params.get("owner"), int) or not isinstance(params.get("weight"), int):
+            raise ValueError("owned_triple needs integer 'owner' and 'weight'")
+        if not 0 <= params["weight"] < 1 << 56:
+            raise ValueError(f"weight id {params['weight']} out of range")
+
+    def draw(self, rank: int, stream: Stream, params: dict[str, Any]) -> tuple:
+        if rank == params["owner"]:
+            b = stream.derive(WEIGHT_STREAM_TAG | params["weight"]).ring(tuple(params["b"]))
+            return None, b, None
+        a = stream.ring(tuple(params["a"]))
+        c = stream.ring(BeaverTriple._c_shape(params))
+        return a, None, c
+
+    def deliveries(self, rank: int, params: dict[str, Any]) -> list[tuple[tuple[int, ...], Any]]:
+        return [(BeaverTriple._c_shape(params), np.int64)] if rank == params["owner"] else []
+
+    def combine(self, draws: list[tuple], params: dict[str, Any]) -> dict[int, list[np.ndarray]]:
+        owner = params["owner"]
+        others = [d for r, d in enumerate(draws) if r != owner]
+        a = _sum(d[0] for d in others)
+        c = bilinear.evaluate(params["op"], a, draws[owner][1], params)
+        for d in others:
+            c -= d[2]
+        return {owner: [c]}
+
+    def assemble(self, rank: int, drawn: tuple, received: list[np.ndarray], params: dict[str, Any]) -> tuple:
+        a, b, c = drawn
+        return (a, b, received[0]) if rank == params["owner"] else (a, b, c)
+
+
 def _top_dtype(bits: int) -> type:
     for dt in (np.uint8, np.uint16, np.uint32):
         if bits <= 8 * np.dtype(dt).itemsize:
@@ -198,6 +244,7 @@ def register_material(material: Material) -> Material:
 
 register_material(BeaverTriple())
 register_material(TruncationPair())
+register_material(OwnedTriple())
 
 
 # -- wire format of requests -----------------------------------------------------------
@@ -242,6 +289,10 @@ class DealerClient:
         received = [self._comm.recv_dealer(shape, dtype) for shape, dtype in material.deliveries(rank, params)]
         return material.assemble(rank, drawn, received, params)
 
+    def named_stream(self, stream_id: int) -> Stream:
+        """A stream under this party's dealer seed that the dealer can also derive."""
+        return Stream(self._seed, stream_id)
+
     def stop(self) -> None:
         """Tell the dealer this computation is over (party 0 only)."""
         if self._comm.rank == 0:
@@ -269,6 +320,9 @@ def serve_dealer(comm: Communicator, seeds: list[bytes]) -> int:
             raise ProtocolError(0, f"unknown material {kind!r} or malformed params")
         try:
             material.validate(params)
+            owner = params.get("owner", 0)
+            if not isinstance(owner, int) or not 0 <= owner < len(seeds):
+                raise ValueError(f"owner {owner!r} is not a party")
         except (ValueError, KeyError, TypeError) as exc:
             raise ProtocolError(0, f"invalid {kind} request: {exc}") from exc
         draws = [material.draw(rank, Stream(seed, index), params) for rank, seed in enumerate(seeds)]

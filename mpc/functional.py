@@ -7,7 +7,9 @@ from typing import Any
 import numpy as np
 
 from . import bilinear
+from .private import PrivateTensor
 from .protocols.beaver import beaver
+from .protocols.owned import owned_product
 from .tensor import SharedTensor
 
 __all__ = ["conv2d", "linear", "matmul"]
@@ -32,7 +34,10 @@ def conv2d(
     ring); both shared costs one Beaver round.  Followed by one truncation.
     """
     params = bilinear.conv_params(stride, padding, dilation, groups)
-    if isinstance(x, SharedTensor) and isinstance(weight, SharedTensor):
+    if isinstance(x, SharedTensor) and isinstance(weight, PrivateTensor):
+        z = owned_product(x.ctx, x.share, weight, "conv2d", params)
+        out = x._finish_product(z, x.frac_bits, weight.frac_bits)
+    elif isinstance(x, SharedTensor) and isinstance(weight, SharedTensor):
         z = beaver(x.ctx, x.share, weight.share, "conv2d", params)
         out = x._finish_product(z, x.frac_bits, weight.frac_bits)
     elif isinstance(x, SharedTensor):
@@ -43,6 +48,8 @@ def conv2d(
         out = weight._finish_product(bilinear.evaluate("conv2d", ring, weight.share, params), scale, weight.frac_bits)
     else:
         raise TypeError("conv2d needs at least one SharedTensor operand")
+    if isinstance(bias, PrivateTensor):
+        bias = bias.as_shared()
     if bias is not None:
         bias_b = bias.reshape(1, -1, 1, 1) if isinstance(bias, SharedTensor) else np.asarray(bias).reshape(1, -1, 1, 1)
         out = out + bias_b
@@ -57,8 +64,18 @@ def matmul(a: SharedTensor | np.ndarray, b: SharedTensor | np.ndarray) -> Shared
     raise TypeError("matmul needs at least one SharedTensor operand")
 
 
-def linear(x: SharedTensor, weight: SharedTensor | np.ndarray, bias: SharedTensor | np.ndarray | None = None) -> SharedTensor:
-    """``x @ weight.T + bias`` as ``torch.nn.functional.linear``."""
-    wt = weight.T if isinstance(weight, SharedTensor) else np.asarray(weight).T
-    out = matmul(x, wt)
+def linear(
+    x: SharedTensor,
+    weight: SharedTensor | PrivateTensor | np.ndarray,
+    bias: SharedTensor | np.ndarray | None = None,
+) -> SharedTensor:
+    """``x @ weight.T + bias`` as ``torch.nn.functional.linear`` (weight is (out, in))."""
+    if isinstance(weight, PrivateTensor):
+        out = x._finish_product(owned_product(x.ctx, x.share, weight, "linear"), x.frac_bits, weight.frac_bits)
+    elif isinstance(weight, SharedTensor):
+        out = x._finish_product(beaver(x.ctx, x.share, weight.share, "linear"), x.frac_bits, weight.frac_bits)
+    else:
+        out = matmul(x, np.asarray(weight).T)
+    if isinstance(bias, PrivateTensor):
+        bias = bias.as_shared()
     return out if bias is None else out + bias

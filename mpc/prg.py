@@ -83,6 +83,10 @@ class Stream:
         self._key = key
         self._next_block = stream_id << 64
 
+    def derive(self, stream_id: int) -> "Stream":
+        """Another stream under the same key (for material tied to a name, not a request)."""
+        return Stream(self._key, stream_id)
+
     def _take(self, nbytes: int) -> np.ndarray:
         out = random_bytes(self._key, self._next_block, nbytes)
         self._next_block += -(-nbytes // _BLOCK)

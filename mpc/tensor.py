@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from . import bilinear
+from .private import PrivateTensor
 from .protocols.beaver import beaver
+from .protocols.owned import owned_product
 from .protocols.truncation import truncate
 from .ring import decode, encode
 
@@ -83,6 +85,8 @@ class SharedTensor:
 
     # -- linear --------------------------------------------------------------------
     def __add__(self, other: Any) -> "SharedTensor":
+        if isinstance(other, PrivateTensor):
+            other = other.as_shared()
         if isinstance(other, SharedTensor):
             scale = max(self.frac_bits, other.frac_bits)
             return self._like(self.rescale(scale).share + other.rescale(scale).share, scale)
@@ -99,6 +103,8 @@ class SharedTensor:
         return self._like(-self.share)
 
     def __sub__(self, other: Any) -> "SharedTensor":
+        if isinstance(other, PrivateTensor):
+            other = other.as_shared()
         return self + (-other if isinstance(other, SharedTensor) else -np.asarray(other))
 
     def __rsub__(self, other: Any) -> "SharedTensor":
@@ -106,6 +112,8 @@ class SharedTensor:
 
     # -- products ------------------------------------------------------------------
     def __mul__(self, other: Any) -> "SharedTensor":
+        if isinstance(other, PrivateTensor):
+            return self._finish_product(owned_product(self.ctx, self.share, other, "mul"), self.frac_bits, other.frac_bits)
         if isinstance(other, SharedTensor):
             return self._finish_product(beaver(self.ctx, self.share, other.share, "mul"), self.frac_bits, other.frac_bits)
         ring, scale = self._public(other)
@@ -119,6 +127,8 @@ class SharedTensor:
         return self * (1.0 / np.asarray(other, dtype=np.float64))
 
     def __matmul__(self, other: Any) -> "SharedTensor":
+        if isinstance(other, PrivateTensor):
+            return self._finish_product(owned_product(self.ctx, self.share, other, "matmul"), self.frac_bits, other.frac_bits)
         if isinstance(other, SharedTensor):
             z = beaver(self.ctx, self.share, other.share, "matmul")
             return self._finish_product(z, self.frac_bits, other.frac_bits)

@@ -1,0 +1,376 @@
+"""Authenticated websocket channels carrying wire messages (asyncio).
+
+A :class:`Channel` is one websocket connection whose peer has passed the
+membership handshake (:mod:`mpc.net.auth`).  It sends and receives
+:mod:`mpc.net.wire` messages: large arrays go out as fragments of
+``limits.chunk_bytes`` (so keepalive pings interleave), come in through a
+:class:`~mpc.net.wire.StreamDecoder` that checks the header before accepting
+array bytes, and every message is checked to come from the authenticated peer
+in this session.  Compression is off: array payloads do not compress and
+deflate would cost more CPU than it saves.
+
+:func:`connect` dials with retries and exponential backoff until
+``options.connect_timeout_s``; :func:`serve` accepts connections, runs the
+handshake and hands each authenticated channel to a handler.  A peer that
+fails the handshake, or later sends a malformed frame, is logged and its
+connection closed; the server keeps serving its other peers.
+
+Both the MPC mesh (:mod:`mpc.net.connection`) and federation hub/node
+messaging use these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl as ssl_module
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Mapping
+
+import numpy as np
+from websockets.asyncio.client import connect as ws_connect
+from websockets.asyncio.server import Server
+from websockets.asyncio.server import serve as ws_serve
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from ..errors import AuthenticationError, FrameError, PeerFailure
+from .auth import AcceptPeer, client_handshake, server_handshake
+from .wire import Limits, Message, PeerId, StreamDecoder, decode_message, encode_message, message_nbytes
+
+__all__ = [
+    "ChannelOptions",
+    "Membership",
+    "Channel",
+    "ChannelClosed",
+    "connect",
+    "serve",
+    "CLOSE_NORMAL",
+    "CLOSE_FAILED",
+]
+
+log = logging.getLogger("primia.net")
+
+CLOSE_NORMAL = 1000
+CLOSE_INVALID_DATA = 1007
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_FAILED = 1011
+_MAX_REASON_BYTES = 120
+
+
+@dataclass(frozen=True)
+class ChannelOptions:
+    """Timing and buffering of a channel.
+
+    Attributes:
+        connect_timeout_s: how long :func:`connect` keeps retrying a refused or
+            unreachable peer (exponential backoff from 50 ms to 2 s).
+        auth_timeout_s: how long each handshake step may take.
+        ping_interval_s: keepalive ping period (None: no pings).
+        ping_timeout_s: a peer that does not answer a ping within this time is
+            declared stalled and the connection closed (None: never).
+        close_timeout_s: how long a closing handshake may take.
+        write_limit: bytes buffered in user space before a send waits for the
+            socket (flow control).
+        read_size: bytes read from the socket per call.
+    """
+
+    connect_timeout_s: float = 60.0
+    auth_timeout_s: float = 10.0
+    ping_interval_s: float | None = 20.0
+    ping_timeout_s: float | None = 60.0
+    close_timeout_s: float = 10.0
+    write_limit: int = 1 << 20
+    read_size: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class Membership:
+    """Who this endpoint is and what proves it belongs: ``local_id``, ``secret``, ``session``."""
+
+    local_id: PeerId
+    secret: bytes
+    session: str
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"Membership(local_id={self.local_id!r}, session={self.session!r})"
+
+
+class ChannelClosed(PeerFailure):
+    """The peer's connection ended.  ``clean`` is True when it closed normally (it finished)."""
+
+    def __init__(self, peer: object, reason: str, *, clean: bool):
+        self.clean = clean
+        super().__init__(peer, reason)
+
+
+def _truncate_reason(reason: str) -> str:
+    raw = reason.encode("utf-8")[:_MAX_REASON_BYTES]
+    return raw.decode("utf-8", errors="ignore")
+
+
+def describe_close(exc: ConnectionClosed, peer: object, ping_timeout_s: float | None = None) -> ChannelClosed:
+    """Turn a websockets close into a :class:`ChannelClosed` saying what happened, in words."""
+    rcvd, sent = exc.rcvd, exc.sent
+    if rcvd is not None and rcvd.code in (1000, 1001):
+        return ChannelClosed(peer, "closed the connection", clean=True)
+    if rcvd is not None:
+        detail = f": {rcvd.reason}" if rcvd.reason else ""
+        return ChannelClosed(peer, f"closed the connection with code {rcvd.code}{detail}", clean=False)
+    if sent is not None and sent.code == CLOSE_FAILED and "keepalive" in sent.reason:
+        wait = f" within {ping_timeout_s:g} s" if ping_timeout_s else ""
+        return ChannelClosed(peer, f"stopped answering keepalive pings{wait} (stalled or unreachable)", clean=False)
+    if sent is not None and sent.code in (1000, 1001):
+        return ChannelClosed(peer, "connection closed by this side", clean=True)
+    cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+    return ChannelClosed(peer, f"connection lost without a close frame{cause}: the process died or the network dropped", clean=False)
+
+
+def _tune(ws: Any, options: ChannelOptions) -> None:
+    # asyncio reads 256 KiB per call by default; larger reads cut per-call
+    # overhead on bulk transfers.  ``max_size`` is the selector transport's
+    # read size (an implementation detail, hence the guard).
+    transport = getattr(ws, "transport", None)
+    if transport is not None and isinstance(getattr(transport, "max_size", None), int):
+        transport.max_size = options.read_size
+
+
+class Channel:
+    """An authenticated connection to one peer, carrying :class:`~mpc.net.wire.Message` s.
+
+    ``send`` may be called by one coroutine at a time per channel (messages
+    are kept in order); ``recv`` likewise.  Both raise :class:`ChannelClosed`
+    once the connection is gone; ``recv`` raises :class:`~mpc.errors.FrameError`
+    (and closes the connection) when the peer sends a malformed message.
+    """
+
+    def __init__(self, ws: Any, membership: Membership, peer_id: PeerId, peer_label: str, limits: Limits,
+                 options: ChannelOptions):
+        self.ws = ws
+        self.membership = membership
+        self.peer_id = peer_id
+        self.peer_label = peer_label
+        self.limits = limits
+        self.options = options
+
+    def __repr__(self) -> str:
+        return f"Channel({self.membership.local_id!r} <-> {self.peer_label})"
+
+    @property
+    def remote_address(self) -> str:
+        addr = getattr(self.ws, "remote_address", None)
+        return f"{addr[0]}:{addr[1]}" if addr else "?"
+
+    # -- sending -------------------------------------------------------------------
+    def encode(self, kind: str, header: Mapping[str, Any] | None = None,
+               arrays: Mapping[str, np.ndarray] | None = None) -> list[bytes | memoryview]:
+        """Encode a message from this endpoint (cheap: arrays are not copied if contiguous little-endian)."""
+        return encode_message(kind, header, arrays, sender=self.membership.local_id, session=self.membership.session,
+                              chunk_bytes=self.limits.chunk_bytes)
+
+    async def send(self, kind: str, header: Mapping[str, Any] | None = None,
+                   arrays: Mapping[str, np.ndarray] | None = None) -> int:
+        """Send one message; returns its size in bytes.
+
+        Encoding runs in the calling coroutine; it copies nothing for C-contiguous
+        little-endian arrays.  Encode other arrays in a worker thread with
+        :meth:`encode` and pass the chunks to :meth:`send_chunks`.
+        """
+        return await self.send_chunks(self.encode(kind, header, arrays))
+
+    async def send_chunks(self, chunks: list[bytes | memoryview]) -> int:
+        """Send an already encoded message (see :meth:`encode`)."""
+        try:
+            if len(chunks) == 1:
+                await self.ws.send(chunks[0])
+            else:
+                await self.ws.send(chunks)
+        except ConnectionClosed as exc:
+            raise describe_close(exc, self.peer_label, self.options.ping_timeout_s) from None
+        return message_nbytes(chunks)
+
+    # -- receiving -----------------------------------------------------------------
+    async def recv(self) -> Message:
+        """The next message from the peer, validated against the limits, sender and session."""
+        fragments = self.ws.recv_streaming()
+        try:
+            first = await anext(fragments)
+            second = await anext(fragments, None)
+            if second is None:
+                _check_binary(first, self.peer_label)
+                message = decode_message(first, limits=self.limits, peer=self.peer_label)
+            else:
+                decoder = StreamDecoder(limits=self.limits, peer=self.peer_label)
+                for fragment in (first, second):
+                    _check_binary(fragment, self.peer_label)
+                    decoder.feed(fragment)
+                async for fragment in fragments:
+                    _check_binary(fragment, self.peer_label)
+                    decoder.feed(fragment)
+                message = decoder.finish()
+        except ConnectionClosed as exc:
+            raise describe_close(exc, self.peer_label, self.options.ping_timeout_s) from None
+        except FrameError as exc:
+            await fragments.aclose()
+            log.warning("closing connection to %s: %s", self.peer_label, exc)
+            code = CLOSE_TOO_BIG if "exceeds" in exc.reason or "oversized" in exc.reason else CLOSE_INVALID_DATA
+            await self._close(code, f"malformed frame: {exc.reason}")
+            raise
+        except UnicodeDecodeError:
+            # websockets has already failed the connection (1007).
+            raise FrameError(self.peer_label, "text frame with invalid UTF-8") from None
+        if message.sender != self.peer_id or message.session != self.membership.session:
+            reason = (
+                f"message claims sender {message.sender!r} in session {message.session!r:.40}, but the connection "
+                f"authenticated {self.peer_id!r} in session {self.membership.session!r}"
+            )
+            log.warning("closing connection to %s: %s", self.peer_label, reason)
+            await self._close(CLOSE_POLICY, "sender or session mismatch")
+            raise FrameError(self.peer_label, reason)
+        return message
+
+    # -- closing -------------------------------------------------------------------
+    async def _close(self, code: int, reason: str) -> None:
+        try:
+            await self.ws.close(code, _truncate_reason(reason))
+        except Exception:  # the connection is already gone: that was the goal
+            pass
+
+    async def close(self, reason: str = "done") -> None:
+        """Close normally (code 1000), after everything sent so far has been written."""
+        await self._close(CLOSE_NORMAL, reason)
+
+    async def abort(self, reason: str) -> None:
+        """Close with code 1011 and ``reason``, telling the peer that this side failed."""
+        await self._close(CLOSE_FAILED, reason)
+
+    async def wait_closed(self) -> None:
+        await self.ws.wait_closed()
+
+
+def _check_binary(fragment: Any, peer: object) -> None:
+    if isinstance(fragment, str):
+        raise FrameError(peer, "text frame where a binary message was expected")
+
+
+def _ws_kwargs(limits: Limits, options: ChannelOptions) -> dict[str, Any]:
+    return dict(
+        compression=None,
+        max_size=limits.websocket_max_size,
+        ping_interval=options.ping_interval_s,
+        ping_timeout=options.ping_timeout_s,
+        close_timeout=options.close_timeout_s,
+        write_limit=options.write_limit,
+        open_timeout=options.auth_timeout_s,
+    )
+
+
+async def connect(
+    uri: str,
+    *,
+    membership: Membership,
+    peer_id: PeerId,
+    peer_label: str | None = None,
+    limits: Limits = Limits(),
+    options: ChannelOptions = ChannelOptions(),
+    ssl: ssl_module.SSLContext | None = None,
+) -> Channel:
+    """Dial ``uri`` (``ws://host:port`` or ``wss://...``), retrying, and authenticate as a member.
+
+    Connection failures (refused, unreachable, handshake timeouts) are retried
+    with exponential backoff until ``options.connect_timeout_s``; TLS and
+    membership failures are not retried.
+
+    Raises:
+        PeerFailure: the peer could not be reached in time.
+        AuthenticationError: TLS or the membership handshake failed.
+    """
+    label = peer_label or f"{peer_id} at {uri}"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + options.connect_timeout_s
+    delay, attempts = 0.05, 0
+    while True:
+        attempts += 1
+        try:
+            ws = await ws_connect(uri, ssl=ssl, proxy=None, user_agent_header=None, **_ws_kwargs(limits, options))
+            break
+        except ssl_module.SSLError as exc:
+            raise AuthenticationError(f"TLS handshake with {label} failed: {exc}") from None
+        except InvalidURI as exc:
+            raise PeerFailure(label, f"invalid address {uri!r}: {exc}") from None
+        except (OSError, asyncio.TimeoutError, InvalidHandshake) as exc:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise PeerFailure(
+                    label, f"unreachable after {attempts} attempts in {options.connect_timeout_s:g} s: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from None
+            log.debug("connecting to %s failed (%s); retrying in %.2f s", label, exc, delay)
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 2.0)
+    await client_handshake(
+        ws,
+        secret=membership.secret,
+        local_id=membership.local_id,
+        server_id=peer_id,
+        session=membership.session,
+        timeout_s=options.auth_timeout_s,
+        peer=label,
+    )
+    _tune(ws, options)
+    return Channel(ws, membership, peer_id, label, limits, options)
+
+
+Handler = Callable[[Channel], Awaitable[None]]
+
+
+async def serve(
+    handler: Handler,
+    host: str,
+    port: int,
+    *,
+    membership: Membership,
+    accept: AcceptPeer = lambda peer_id: None,
+    label: Callable[[PeerId, str], str] = lambda peer_id, address: f"{peer_id} at {address}",
+    limits: Limits = Limits(),
+    options: ChannelOptions = ChannelOptions(),
+    ssl: ssl_module.SSLContext | None = None,
+) -> Server:
+    """Listen on ``host:port`` (0: any free port); run ``handler(channel)`` for each authenticated peer.
+
+    ``accept(peer_id)`` returns None to admit a peer or a reason to refuse it.
+    A connection is closed when its handler returns; a handler that raises
+    has its connection aborted (code 1011) and the error logged, and the server
+    goes on serving everyone else.  Use ``server.close(); await
+    server.wait_closed()`` (or ``async with``) to stop.
+    """
+
+    async def on_connection(ws: Any) -> None:
+        address = "{}:{}".format(*ws.remote_address[:2]) if ws.remote_address else "?"
+        try:
+            peer_id = await server_handshake(
+                ws,
+                secret=membership.secret,
+                local_id=membership.local_id,
+                session=membership.session,
+                accept=accept,
+                timeout_s=options.auth_timeout_s,
+                peer=address,
+            )
+        except AuthenticationError:
+            return  # logged and closed by the handshake
+        _tune(ws, options)
+        channel = Channel(ws, membership, peer_id, label(peer_id, address), limits, options)
+        try:
+            await handler(channel)
+        except (FrameError, ChannelClosed) as exc:
+            log.info("connection to %s ended: %s", channel.peer_label, exc)
+        except Exception as exc:  # a handler bug must not take the server down
+            log.exception("handler for %s failed", channel.peer_label)
+            await channel.abort(f"{type(exc).__name__}: {exc}")
+        else:
+            await channel.close()
+
+    return await ws_serve(
+        on_connection, host, port, ssl=ssl, server_header=None, **_ws_kwargs(limits, options)
+    )
