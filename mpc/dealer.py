@@ -19,6 +19,7 @@ register it in :data:`MATERIALS`.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Callable, ClassVar
 
 import msgpack
@@ -270,21 +271,46 @@ def _decode_request(raw: np.ndarray) -> dict[str, Any]:
 
 # -- party side ------------------------------------------------------------------------
 class DealerClient:
-    """A computing party's access to the dealer's material."""
+    """A computing party's access to the dealer's material.
+
+    Material can be requested ahead of use with :meth:`prefetch`: the dealer
+    then produces it while the parties compute, and :meth:`get` consumes it in
+    the same order.
+    """
 
     def __init__(self, comm: Communicator, seed: bytes):
         self._comm = comm
         self._seed = seed
         self._next = 0
+        self._pending: deque[tuple[int, str, dict[str, Any]]] = deque()
+
+    def _request(self, kind: str, params: dict[str, Any]) -> int:
+        if kind not in MATERIALS:
+            raise KeyError(f"unknown material {kind!r}; known: {sorted(MATERIALS)}")
+        index = self._next
+        self._next += 1
+        if self._comm.rank == 0:
+            self._comm.send_dealer(_encode_request(index, kind, params))
+        return index
+
+    def prefetch(self, requests: list[tuple[str, dict[str, Any]]]) -> None:
+        """Ask for material now that :meth:`get` will take later, in this order (every party calls it)."""
+        for kind, params in requests:
+            self._pending.append((self._request(kind, params), kind, params))
 
     def get(self, kind: str, params: dict[str, Any]) -> tuple:
         """Material of ``kind``; every party must call this in the same order."""
+        if self._pending:
+            index, want_kind, want_params = self._pending.popleft()
+            if (want_kind, want_params) != (kind, params):
+                raise RuntimeError(
+                    f"material {kind} {params} requested where {want_kind} {want_params} was prefetched; "
+                    "prefetch must list requests in the order the program makes them"
+                )
+        else:
+            index = self._request(kind, params)
         material = MATERIALS[kind]
-        index = self._next
-        self._next += 1
         rank = self._comm.rank
-        if rank == 0:
-            self._comm.send_dealer(_encode_request(index, kind, params))
         drawn = material.draw(rank, Stream(self._seed, index), params)
         received = [self._comm.recv_dealer(shape, dtype) for shape, dtype in material.deliveries(rank, params)]
         return material.assemble(rank, drawn, received, params)

@@ -77,3 +77,37 @@ def _dealer_reply_to(request_bytes: np.ndarray):
 def test_dealer_rejects_bad_requests(request_bytes, match):
     with pytest.raises(ProtocolError, match=match):
         _dealer_reply_to(request_bytes)
+
+
+def test_prefetched_material_equals_on_demand_results(rng):
+    import mpc
+
+    a = rng.uniform(-5, 5, size=(6, 7))
+    b = rng.uniform(-5, 5, size=(7, 3))
+
+    def program(ctx, prefetch):
+        x = ctx.share(a if ctx.rank == 0 else None, owner=0)
+        y = ctx.share(b if ctx.rank == 1 else None, owner=1)
+        if prefetch:
+            ctx.dealer.prefetch(
+                [("triple", {"op": "matmul", "a": [6, 7], "b": [7, 3]}), ("trunc", {"shape": [18], "bits": 16})]
+            )
+        return (x @ y).reveal(), ctx.stats()["dealer_requests"]
+
+    (plain, n1), *_ = mpc.run_local(program, parties=3, args=(False,))
+    (pre, n2), *_ = mpc.run_local(program, parties=3, args=(True,))
+    np.testing.assert_allclose(pre, a @ b, atol=1e-3)
+    np.testing.assert_allclose(plain, a @ b, atol=1e-3)
+    assert n1 == n2 == 2
+
+
+def test_prefetch_out_of_order_is_a_clear_error():
+    import mpc
+
+    def program(ctx):
+        x = ctx.share(np.ones(3) if ctx.rank == 0 else None, owner=0)
+        ctx.dealer.prefetch([("trunc", {"shape": [99], "bits": 16})])
+        return (x * 0.5).reveal()
+
+    with pytest.raises(RuntimeError, match="prefetched"):
+        mpc.run_local(program, parties=2, timeout_s=20)
