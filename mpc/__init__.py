@@ -15,6 +15,20 @@ Quick start::
 from .context import Context
 from .errors import EncodingRangeError, PeerFailure, PeerTimeout, PrimiaError, ProtocolError
 from .functional import conv2d, linear, matmul
+from .nonlinear import (
+    adaptive_avg_pool2d,
+    adaptive_max_pool2d,
+    argmax,
+    avg_pool2d,
+    clamp,
+    max_pool2d,
+    maximum,
+    minimum,
+    relu,
+    relu6,
+    sigmoid,
+    softmax,
+)
 from .ring import DEFAULT_FRAC_BITS, decode, encode
 from .runtime import run_local
 from .private import PrivateTensor
@@ -25,9 +39,22 @@ __all__ = [
     "SharedTensor",
     "PrivateTensor",
     "run_local",
+    "run_processes",
     "conv2d",
     "linear",
     "matmul",
+    "relu",
+    "relu6",
+    "clamp",
+    "maximum",
+    "minimum",
+    "argmax",
+    "max_pool2d",
+    "avg_pool2d",
+    "adaptive_avg_pool2d",
+    "adaptive_max_pool2d",
+    "sigmoid",
+    "softmax",
     "concatenate",
     "stack",
     "pad",
@@ -41,3 +68,12 @@ __all__ = [
     "PeerFailure",
     "PeerTimeout",
 ]
+
+
+def __getattr__(name: str):
+    # run_processes pulls in websockets; import it only when asked for.
+    if name == "run_processes":
+        from .net import run_processes
+
+        return run_processes
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

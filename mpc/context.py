@@ -20,6 +20,7 @@ import numpy as np
 from .comm import Communicator
 from .dealer import DealerClient
 from .errors import ProtocolError
+from .protocols.compare import check_comparison_options, check_comparison_slack
 from .prg import SEED_BYTES, Stream, new_seed
 from .ring import DEFAULT_FRAC_BITS, encode
 
@@ -48,6 +49,9 @@ class Context:
         *,
         frac_bits: int = DEFAULT_FRAC_BITS,
         truncation: str = "exact",
+        comparison: str = "auto",
+        comparison_bits: int = 64,
+        comparison_slack_bits: int = 0,
     ):
         if truncation not in ("exact", "local"):
             raise ValueError(f"truncation must be 'exact' or 'local', got {truncation!r}")
@@ -58,6 +62,11 @@ class Context:
         self._pair_seeds = pair_seeds
         self.frac_bits = frac_bits
         self.truncation = truncation
+        # Comparison protocol ("auto" = "fss" for 2 parties, else "generic") and its
+        # domain: compared differences must satisfy |d| < 2^(comparison_bits - 1).
+        self.comparison, self.comparison_bits = check_comparison_options(comparison, comparison_bits, comm.parties)
+        # Low bits left out of comparisons (0 = exact): fewer levels, smaller keys.
+        self.comparison_slack_bits = check_comparison_slack(comparison_slack_bits, comparison_bits)
         self._inputs = 0
         self._randoms = 0
         self._privates = 0

@@ -21,6 +21,9 @@ def run_local(
     args: tuple = (),
     frac_bits: int = 16,
     truncation: str = "exact",
+    comparison: str = "auto",
+    comparison_bits: int = 64,
+    comparison_slack_bits: int = 0,
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> list[Any]:
     """Run ``program(ctx, *args)`` in every party, as threads, with a dealer thread.
@@ -44,7 +47,11 @@ def run_local(
     def party(rank: int) -> None:
         try:
             comm = Communicator(rank, parties, network.endpoint(rank), timeout_s=timeout_s)
-            ctx: Context = setup_party(comm, frac_bits=frac_bits, truncation=truncation)
+            ctx: Context = setup_party(
+                comm, frac_bits=frac_bits, truncation=truncation,
+                comparison=comparison, comparison_bits=comparison_bits,
+                comparison_slack_bits=comparison_slack_bits,
+            )
             results[rank] = program(ctx, *args)
             ctx.close()
         except BaseException as exc:  # noqa: BLE001 - reported to the caller below

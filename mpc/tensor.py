@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from . import bilinear
+from . import bilinear, nonlinear
 from .private import PrivateTensor
 from .protocols.beaver import beaver
 from .protocols.owned import owned_product
@@ -196,6 +196,87 @@ class SharedTensor:
             return decode(ring, self.frac_bits)
         opened = self.ctx.comm.open_to(to, [self.share])
         return None if opened is None else decode(opened[0], self.frac_bits)
+
+    # -- non-linear operations (mpc.nonlinear; comparisons return 0/1 at scale 0) ------
+    # Everything below delegates to mpc.nonlinear; see docs/nonlinear.md for costs.
+    __hash__ = None  # elementwise == makes SharedTensor unhashable, as numpy arrays
+
+    def __lt__(self, other: Any) -> "SharedTensor":
+        return nonlinear.less(self, other)
+
+    def __le__(self, other: Any) -> "SharedTensor":
+        return nonlinear.less_equal(self, other)
+
+    def __gt__(self, other: Any) -> "SharedTensor":
+        return nonlinear.greater(self, other)
+
+    def __ge__(self, other: Any) -> "SharedTensor":
+        return nonlinear.greater_equal(self, other)
+
+    def __eq__(self, other: Any) -> "SharedTensor":  # type: ignore[override]
+        return nonlinear.equal(self, other)
+
+    def __ne__(self, other: Any) -> "SharedTensor":  # type: ignore[override]
+        return nonlinear.not_equal(self, other)
+
+    def __abs__(self) -> "SharedTensor":
+        return nonlinear.absolute(self)
+
+    def relu(self) -> "SharedTensor":
+        return nonlinear.relu(self)
+
+    def relu6(self) -> "SharedTensor":
+        return nonlinear.relu6(self)
+
+    def sign(self) -> "SharedTensor":
+        return nonlinear.sign(self)
+
+    def abs(self) -> "SharedTensor":
+        return nonlinear.absolute(self)
+
+    def clamp(self, lo: Any = None, hi: Any = None) -> "SharedTensor":
+        return nonlinear.clamp(self, lo, hi)
+
+    clip = clamp
+
+    def maximum(self, other: Any) -> "SharedTensor":
+        return nonlinear.maximum(self, other)
+
+    def minimum(self, other: Any) -> "SharedTensor":
+        return nonlinear.minimum(self, other)
+
+    def max(self, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> "SharedTensor":
+        return nonlinear.max(self, axis=axis, keepdims=keepdims)
+
+    def min(self, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> "SharedTensor":
+        return nonlinear.min(self, axis=axis, keepdims=keepdims)
+
+    def argmax(self, axis: int | None = None, keepdims: bool = False, *, one_hot: bool = False) -> "SharedTensor":
+        return nonlinear.argmax(self, axis=axis, keepdims=keepdims, one_hot=one_hot)
+
+    def argmin(self, axis: int | None = None, keepdims: bool = False, *, one_hot: bool = False) -> "SharedTensor":
+        return nonlinear.argmin(self, axis=axis, keepdims=keepdims, one_hot=one_hot)
+
+    def exp(self) -> "SharedTensor":
+        return nonlinear.exp(self)
+
+    def reciprocal(self, **options: Any) -> "SharedTensor":
+        return nonlinear.reciprocal(self, **options)
+
+    def inv_sqrt(self, **options: Any) -> "SharedTensor":
+        return nonlinear.inv_sqrt(self, **options)
+
+    def sqrt(self, **options: Any) -> "SharedTensor":
+        return nonlinear.sqrt(self, **options)
+
+    def sigmoid(self) -> "SharedTensor":
+        return nonlinear.sigmoid(self)
+
+    def tanh(self) -> "SharedTensor":
+        return nonlinear.tanh(self)
+
+    def softmax(self, axis: int = -1) -> "SharedTensor":
+        return nonlinear.softmax(self, axis=axis)
 
 
 def _same_ctx(tensors: Sequence[SharedTensor]) -> "Context":

@@ -18,7 +18,6 @@ the cipher.
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -28,27 +27,14 @@ __all__ = ["FIXED_KEY", "BLOCK_BYTES", "BlockBuffer"]
 BLOCK_BYTES = 16
 #: public and fixed: the protocol's secrecy rests on the seeds, not on this key
 FIXED_KEY = hashlib.sha256(b"primia/fss/dcf/fixed-key-aes/v1").digest()[:16]
-# Above this many bytes a batch is split over two threads (OpenSSL releases the GIL).
-_PARALLEL_MIN = 1 << 20
-_pool: ThreadPoolExecutor | None = None
-
-
-def _workers() -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="primia-fss-aes")
-    return _pool
-
-
-def _encrypt(src: memoryview, dst: memoryview) -> None:
-    Cipher(algorithms.AES(FIXED_KEY), modes.ECB()).encryptor().update_into(src, dst)
 
 
 class BlockBuffer:
     """A reusable output buffer for AES_K over arrays of ``shape + (2,)`` uint64 blocks.
 
     ``update_into`` insists on one block of slack past the output, so the
-    buffer is 16 bytes longer than the blocks it holds.
+    buffer is 16 bytes longer than the blocks it holds.  Callers keep batches
+    cache-sized and parallelise over batches (:mod:`mpc.fss.dcf`).
     """
 
     def __init__(self, shape: tuple[int, ...]):
@@ -56,25 +42,13 @@ class BlockBuffer:
         self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * 8
         self._raw = np.empty(self.nbytes + BLOCK_BYTES, dtype=np.uint8)
         self.blocks = self._raw[: self.nbytes].view(np.uint64).reshape(self.shape)
+        # ECB keeps no state between calls, so one encryptor serves every call (~5 us to make)
+        self._encryptor = Cipher(algorithms.AES(FIXED_KEY), modes.ECB()).encryptor()
 
     def encrypt(self, src: np.ndarray) -> np.ndarray:
         """``self.blocks = AES_K(src)`` block by block; returns ``self.blocks``."""
         if src.dtype != np.uint64 or src.shape != self.shape or not src.flags.c_contiguous:
             raise ValueError(f"expected C-contiguous uint64 blocks of shape {self.shape}, got {src.dtype} {src.shape}")
-        if not self.nbytes:
-            return self.blocks
-        src_b = memoryview(src.reshape(-1)).cast("B")
-        dst_b = memoryview(self._raw)
-        if self.nbytes < _PARALLEL_MIN:
-            _encrypt(src_b, dst_b)
-            return self.blocks
-        half = (self.nbytes // 2) // BLOCK_BYTES * BLOCK_BYTES
-        # ECB blocks are independent and each thread writes only its own half;
-        # the first half's slack overlaps the second half's output but is never written.
-        futures = [
-            _workers().submit(_encrypt, src_b[:half], dst_b[: half + BLOCK_BYTES]),
-            _workers().submit(_encrypt, src_b[half:], dst_b[half:]),
-        ]
-        for f in futures:
-            f.result()
+        if self.nbytes:
+            self._encryptor.update_into(memoryview(src.reshape(-1)).cast("B"), memoryview(self._raw))
         return self.blocks
