@@ -72,7 +72,9 @@ def _transcript(session: str, client: PeerId, server: PeerId, client_nonce: byte
 
 
 def _valid_id(value: Any) -> bool:
-    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and 0 < len(value) <= 128)
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, str) and 0 < len(value) <= 128)
 
 
 async def _recv_small(ws: Any, timeout_s: float, what: str, peer: str) -> dict[str, Any]:
@@ -91,9 +93,16 @@ async def _recv_small(ws: Any, timeout_s: float, what: str, peer: str) -> dict[s
     except AuthenticationError:
         raise
     except Exception as exc:  # connection closed or protocol error during the handshake
-        raise AuthenticationError(f"{peer} closed the connection during authentication ({type(exc).__name__}: {exc})") from None
+        rcvd = getattr(exc, "rcvd", None)
+        if rcvd is not None and rcvd.code == _POLICY_VIOLATION:
+            raise AuthenticationError(
+                f"{peer} refused our membership proof: the federation secrets or sessions differ"
+            ) from None
+        raise AuthenticationError(
+            f"{peer} closed the connection during authentication ({type(exc).__name__}: {exc})"
+        ) from None
     try:
-        msg = msgpack.unpackb(b"".join(chunks), raw=False, strict_map_key=True, max_buffer_size=MAX_AUTH_BYTES,
+        msg = msgpack.unpackb(b"".join(chunks), raw=False, strict_map_key=True,
                               ext_hook=_no_ext)
     except Exception as exc:
         raise AuthenticationError(f"{peer} sent an undecodable {what}: {exc}") from None
@@ -141,7 +150,14 @@ async def client_handshake(
     try:
         await ws.send(
             msgpack.packb(
-                {"t": "hello", "v": AUTH_VERSION, "id": local_id, "to": server_id, "session": session, "nonce": client_nonce},
+                {
+                    "t": "hello",
+                    "v": AUTH_VERSION,
+                    "id": local_id,
+                    "to": server_id,
+                    "session": session,
+                    "nonce": client_nonce,
+                },
                 use_bin_type=True,
             )
         )
@@ -187,13 +203,18 @@ async def server_handshake(
         hello = await _recv_small(ws, timeout_s, "hello", peer)
         client_id = hello.get("id")
         if hello.get("v") != AUTH_VERSION:
-            raise AuthenticationError(f"{peer} speaks handshake version {hello.get('v')!r:.20}, we speak {AUTH_VERSION}")
+            raise AuthenticationError(
+                f"{peer} speaks handshake version {hello.get('v')!r:.20}, we speak {AUTH_VERSION}"
+            )
         if not _valid_id(client_id):
             raise AuthenticationError(f"{peer} sent an invalid id {client_id!r:.40}")
+        peer = f"{peer} (id {client_id!r})"
         if hello.get("session") != session:
             raise AuthenticationError(f"{peer} (id {client_id!r}) is in another session {hello.get('session')!r:.60}")
         if hello.get("to") != local_id:
-            raise AuthenticationError(f"{peer} (id {client_id!r}) dialled {hello.get('to')!r:.40}, but this is {local_id!r}")
+            raise AuthenticationError(
+                f"{peer} (id {client_id!r}) dialled {hello.get('to')!r:.40}, but this is {local_id!r}"
+            )
         refusal = accept(client_id)
         if refusal is not None:
             raise AuthenticationError(f"{peer} (id {client_id!r}) refused: {refusal}")

@@ -24,14 +24,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl as ssl_module
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping
 
 import numpy as np
+from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
-from websockets.asyncio.server import Server
+from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.protocol import State
 
 from ..errors import AuthenticationError, FrameError, PeerFailure
 from .auth import AcceptPeer, client_handshake, server_handshake
@@ -72,7 +75,10 @@ class ChannelOptions:
         close_timeout_s: how long a closing handshake may take.
         write_limit: bytes buffered in user space before a send waits for the
             socket (flow control).
-        read_size: bytes read from the socket per call.
+        read_size: bytes read from the socket per call (into one reused buffer).
+        buffered_reads: read with ``asyncio.BufferedProtocol`` into a reused
+            buffer (fewer allocations on bulk transfers); False falls back to
+            websockets' default connection classes.
     """
 
     connect_timeout_s: float = 60.0
@@ -82,6 +88,7 @@ class ChannelOptions:
     close_timeout_s: float = 10.0
     write_limit: int = 1 << 20
     read_size: int = 1 << 20
+    buffered_reads: bool = True
 
 
 @dataclass(frozen=True)
@@ -123,16 +130,45 @@ def describe_close(exc: ConnectionClosed, peer: object, ping_timeout_s: float | 
     if sent is not None and sent.code in (1000, 1001):
         return ChannelClosed(peer, "connection closed by this side", clean=True)
     cause = f" ({exc.__cause__})" if exc.__cause__ else ""
-    return ChannelClosed(peer, f"connection lost without a close frame{cause}: the process died or the network dropped", clean=False)
+    return ChannelClosed(
+        peer, f"connection lost without a close frame{cause}: the process died or the network dropped", clean=False
+    )
 
 
 def _tune(ws: Any, options: ChannelOptions) -> None:
-    # asyncio reads 256 KiB per call by default; larger reads cut per-call
-    # overhead on bulk transfers.  ``max_size`` is the selector transport's
-    # read size (an implementation detail, hence the guard).
-    transport = getattr(ws, "transport", None)
-    if transport is not None and isinstance(getattr(transport, "max_size", None), int):
-        transport.max_size = options.read_size
+    if isinstance(ws, _ReusedReadBuffer):
+        ws.read_size = options.read_size
+
+
+class _ReusedReadBuffer(asyncio.BufferedProtocol):
+    """Socket reads into one reused buffer instead of a fresh ``bytes`` per read.
+
+    asyncio's default path allocates a new object for every read (up to 256 KiB
+    at a time); on bulk transfers that allocation, and the page faults of fresh
+    memory, cost more than the copy websockets makes anyway when it appends the
+    data to its own stream buffer.  With ``BufferedProtocol`` the transport
+    ``recv_into`` s this buffer and we pass a view of it on.
+    """
+
+    read_size = 1 << 20
+    _read_buffer: memoryview | None = None
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._read_buffer is None or len(self._read_buffer) != self.read_size:
+            self._read_buffer = memoryview(bytearray(self.read_size))
+        return self._read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # websockets copies what it is given into its stream buffer, so the view may be reused.
+        self.data_received(self._read_buffer[:nbytes])
+
+
+class _ClientConnection(_ReusedReadBuffer, ClientConnection):
+    pass
+
+
+class _ServerConnection(_ReusedReadBuffer, ServerConnection):
+    pass
 
 
 class Channel:
@@ -145,13 +181,15 @@ class Channel:
     """
 
     def __init__(self, ws: Any, membership: Membership, peer_id: PeerId, peer_label: str, limits: Limits,
-                 options: ChannelOptions):
+                 options: ChannelOptions, copier: Executor | None = None):
         self.ws = ws
         self.membership = membership
         self.peer_id = peer_id
         self.peer_label = peer_label
         self.limits = limits
         self.options = options
+        #: optional executor that copies large received fragments off the event loop thread
+        self.copier = copier
 
     def __repr__(self) -> str:
         return f"Channel({self.membership.local_id!r} <-> {self.peer_label})"
@@ -178,6 +216,27 @@ class Channel:
         """
         return await self.send_chunks(self.encode(kind, header, arrays))
 
+    def send_now(self, data: bytes) -> bool:
+        """Write a one-frame message at once, without a task switch; False if that is not possible now.
+
+        For the loop thread only, and only when no other send on this channel is
+        under way (the caller keeps order).  It declines when a fragmented
+        message is being sent, the write buffer is above its limit (flow
+        control) or the connection is not open; then use :meth:`send_chunks`.
+        """
+        ws = self.ws
+        try:
+            if ws.send_in_progress is not None or ws.paused or ws.protocol.state is not State.OPEN:
+                return False
+            ws.protocol.send_binary(data)
+        except AttributeError:  # a websockets version without these internals
+            return False
+        try:
+            ws.send_data()
+        except Exception:  # noqa: BLE001 - the connection is broken; its reader reports how
+            pass
+        return True
+
     async def send_chunks(self, chunks: list[bytes | memoryview]) -> int:
         """Send an already encoded message (see :meth:`encode`)."""
         try:
@@ -200,20 +259,22 @@ class Channel:
                 _check_binary(first, self.peer_label)
                 message = decode_message(first, limits=self.limits, peer=self.peer_label)
             else:
-                decoder = StreamDecoder(limits=self.limits, peer=self.peer_label)
+                decoder = StreamDecoder(limits=self.limits, peer=self.peer_label, copier=self.copier)
                 for fragment in (first, second):
                     _check_binary(fragment, self.peer_label)
                     decoder.feed(fragment)
                 async for fragment in fragments:
                     _check_binary(fragment, self.peer_label)
                     decoder.feed(fragment)
+                await decoder.copies_done()
                 message = decoder.finish()
         except ConnectionClosed as exc:
             raise describe_close(exc, self.peer_label, self.options.ping_timeout_s) from None
         except FrameError as exc:
             await fragments.aclose()
             log.warning("closing connection to %s: %s", self.peer_label, exc)
-            code = CLOSE_TOO_BIG if "exceeds" in exc.reason or "oversized" in exc.reason else CLOSE_INVALID_DATA
+            too_big = "exceed" in exc.reason or "oversized" in exc.reason
+            code = CLOSE_TOO_BIG if too_big else CLOSE_INVALID_DATA
             await self._close(code, f"malformed frame: {exc.reason}")
             raise
         except UnicodeDecodeError:
@@ -292,7 +353,9 @@ async def connect(
     while True:
         attempts += 1
         try:
-            ws = await ws_connect(uri, ssl=ssl, proxy=None, user_agent_header=None, **_ws_kwargs(limits, options))
+            ws = await ws_connect(uri, ssl=ssl, proxy=None, user_agent_header=None,
+                                  create_connection=_ClientConnection if options.buffered_reads else None,
+                                  **_ws_kwargs(limits, options))
             break
         except ssl_module.SSLError as exc:
             raise AuthenticationError(f"TLS handshake with {label} failed: {exc}") from None
@@ -332,13 +395,15 @@ async def serve(
     membership: Membership,
     accept: AcceptPeer = lambda peer_id: None,
     label: Callable[[PeerId, str], str] = lambda peer_id, address: f"{peer_id} at {address}",
+    on_reject: Callable[[str], None] | None = None,
     limits: Limits = Limits(),
     options: ChannelOptions = ChannelOptions(),
     ssl: ssl_module.SSLContext | None = None,
 ) -> Server:
     """Listen on ``host:port`` (0: any free port); run ``handler(channel)`` for each authenticated peer.
 
-    ``accept(peer_id)`` returns None to admit a peer or a reason to refuse it.
+    ``accept(peer_id)`` returns None to admit a peer or a reason to refuse it;
+    ``on_reject(reason)`` hears about every connection that failed to authenticate.
     A connection is closed when its handler returns; a handler that raises
     has its connection aborted (code 1011) and the error logged, and the server
     goes on serving everyone else.  Use ``server.close(); await
@@ -357,7 +422,9 @@ async def serve(
                 timeout_s=options.auth_timeout_s,
                 peer=address,
             )
-        except AuthenticationError:
+        except AuthenticationError as exc:
+            if on_reject is not None:
+                on_reject(str(exc))
             return  # logged and closed by the handshake
         _tune(ws, options)
         channel = Channel(ws, membership, peer_id, label(peer_id, address), limits, options)
@@ -372,5 +439,7 @@ async def serve(
             await channel.close()
 
     return await ws_serve(
-        on_connection, host, port, ssl=ssl, server_header=None, **_ws_kwargs(limits, options)
+        on_connection, host, port, ssl=ssl, server_header=None,
+        create_connection=_ServerConnection if options.buffered_reads else None,
+        **_ws_kwargs(limits, options)
     )

@@ -24,7 +24,9 @@ def _existing(path: str | Path | None, what: str) -> Path:
     return p
 
 
-def server_context(cert: str | Path, key: str | Path, *, ca: str | Path | None = None, mutual: bool = False) -> ssl.SSLContext:
+def server_context(
+    cert: str | Path, key: str | Path, *, ca: str | Path | None = None, mutual: bool = False
+) -> ssl.SSLContext:
     """A server context presenting ``cert``/``key``; with ``mutual``, clients must present a cert signed by ``ca``."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2

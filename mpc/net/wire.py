@@ -31,8 +31,12 @@ size.  Every violation raises :class:`mpc.errors.FrameError` naming the peer.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import struct
-from dataclasses import dataclass, field
+import sys
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple, Union
 
 import msgpack
@@ -58,6 +62,7 @@ MAGIC = b"PRMA"
 _PREFIX = struct.Struct("<4sBBHI")
 _ALIGN = 8
 _ZEROS = bytes(_ALIGN)
+_OFFLOAD_BYTES = 256 << 10  # smaller fragments are copied in place: a thread hop costs more
 
 PeerId = Union[int, str]
 
@@ -113,11 +118,13 @@ class Limits:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.chunk_bytes > self.max_frame_bytes:
-            raise ValueError(f"chunk_bytes ({self.chunk_bytes}) must not exceed max_frame_bytes ({self.max_frame_bytes})")
+            raise ValueError(
+                f"chunk_bytes ({self.chunk_bytes}) must not exceed max_frame_bytes ({self.max_frame_bytes})"
+            )
         if self.max_header_bytes + _PREFIX.size + _ALIGN > self.max_frame_bytes:
             raise ValueError("max_header_bytes must leave room for the prefix within max_frame_bytes")
 
-    @property
+    @functools.cached_property
     def websocket_max_size(self) -> tuple[int, int]:
         """``max_size`` for websockets: (whole message, one frame)."""
         envelope = _PREFIX.size + self.max_header_bytes + _ALIGN * (self.max_arrays + 1)
@@ -125,29 +132,37 @@ class Limits:
 
 
 class Message(NamedTuple):
-    """A decoded message: ``kind``, ``sender``, ``session``, a user ``header`` map and named ``arrays``."""
+    """A decoded message: ``kind``, ``sender``, ``session``, a user ``header`` map and named ``arrays``.
+
+    ``nbytes`` is its size on the wire (prefix, header, padding and array bytes).
+    """
 
     kind: str
     sender: PeerId
     session: str
     header: dict[str, Any]
     arrays: dict[str, np.ndarray]
+    nbytes: int = 0
 
 
 def _pad(n: int) -> int:
     return -n % _ALIGN
 
 
-def _wire_array(name: str, arr: Any) -> np.ndarray:
+def _wire_array(name: str, arr: Any) -> tuple[str, np.ndarray]:
+    """(wire dtype name, C-contiguous little-endian array) for sending."""
     arr = np.asarray(arr)
-    wire_name = _NAME_OF.get(arr.dtype.newbyteorder("="))
+    wire_name = _NAME_OF.get(arr.dtype)  # native dtypes: the common case
     if wire_name is None:
-        allowed = ", ".join(WIRE_DTYPES)
-        raise TypeError(f"array {name!r} has dtype {arr.dtype}, which cannot be sent; allowed: {allowed}")
+        wire_name = _NAME_OF.get(arr.dtype.newbyteorder("="))
+        if wire_name is None:
+            allowed = ", ".join(WIRE_DTYPES)
+            raise TypeError(f"array {name!r} has dtype {arr.dtype}, which cannot be sent; allowed: {allowed}")
     wire_dtype = WIRE_DTYPES[wire_name]
     if arr.dtype != wire_dtype:  # big-endian data, or a big-endian host
         arr = arr.astype(wire_dtype)
-    return np.ascontiguousarray(arr)
+    # (not np.ascontiguousarray: it turns 0-d arrays into 1-d ones)
+    return wire_name, arr if arr.flags.c_contiguous else arr.copy(order="C")
 
 
 def encode_message(
@@ -169,17 +184,14 @@ def encode_message(
     if not isinstance(kind, str) or not 0 < len(kind) <= _MAX_KIND:
         raise ValueError(f"message kind must be a non-empty string of at most {_MAX_KIND} characters, got {kind!r}")
     wire_arrays: list[tuple[str, np.ndarray]] = []
+    table = []
     for name, arr in (arrays or {}).items():
         if not isinstance(name, str) or len(name) > _MAX_NAME:
             raise ValueError(f"array names must be strings of at most {_MAX_NAME} characters, got {name!r}")
-        wire_arrays.append((name, _wire_array(name, arr)))
-    meta = {
-        "kind": kind,
-        "sender": sender,
-        "session": session,
-        "header": dict(header or {}),
-        "arrays": [[name, _NAME_OF[a.dtype.newbyteorder("=")], list(a.shape)] for name, a in wire_arrays],
-    }
+        wire_name, wire = _wire_array(name, arr)
+        wire_arrays.append((name, wire))
+        table.append([name, wire_name, list(wire.shape)])
+    meta = {"kind": kind, "sender": sender, "session": session, "header": dict(header or {}), "arrays": table}
     packed = msgpack.packb(meta, use_bin_type=True)
     head = _PREFIX.pack(MAGIC, WIRE_VERSION, 0, 0, len(packed)) + packed
     head += _ZEROS[: _pad(len(head))]
@@ -204,6 +216,11 @@ def encode_message(
     return chunks
 
 
+def _copy_into(body: np.ndarray, pos: int, data: memoryview) -> None:
+    # numpy copies with the GIL released, unlike a memoryview slice assignment.
+    np.copyto(body[pos : pos + len(data)], np.frombuffer(data, dtype=np.uint8))
+
+
 def message_nbytes(chunks: list[bytes | memoryview]) -> int:
     """Total bytes of an encoded message."""
     return sum(len(c) if isinstance(c, bytes) else c.nbytes for c in chunks)
@@ -213,14 +230,14 @@ def _reject_ext(code: int, data: bytes) -> Any:
     raise ValueError(f"msgpack extension type {code} is not allowed")
 
 
-@dataclass
-class _Layout:
+class _Layout(NamedTuple):
     kind: str
     sender: PeerId
     session: str
     header: dict[str, Any]
-    arrays: list[tuple[str, np.dtype, tuple[int, ...], int, int]] = field(default_factory=list)  # name, dtype, shape, offset, nbytes
-    body_bytes: int = 0
+    # (name, dtype, shape, offset in the body, nbytes) per array
+    arrays: list[tuple[str, np.dtype, tuple[int, ...], int, int]]
+    body_bytes: int
 
 
 def _parse_prefix(prefix: bytes | memoryview, limits: Limits, peer: object) -> int:
@@ -229,7 +246,10 @@ def _parse_prefix(prefix: bytes | memoryview, limits: Limits, peer: object) -> i
     if magic != MAGIC:
         raise FrameError(peer, f"not a primia message (magic {bytes(magic)!r}, expected {MAGIC!r})")
     if version != WIRE_VERSION:
-        raise FrameError(peer, f"wire version {version} is not supported (this build speaks version {WIRE_VERSION}); upgrade both ends")
+        raise FrameError(
+            peer,
+            f"wire version {version} is not supported (this build speaks version {WIRE_VERSION}); upgrade both ends",
+        )
     if flags or reserved:
         raise FrameError(peer, f"reserved prefix bits are set (flags={flags}, reserved={reserved})")
     if hlen > limits.max_header_bytes:
@@ -238,62 +258,57 @@ def _parse_prefix(prefix: bytes | memoryview, limits: Limits, peer: object) -> i
 
 
 def _parse_header(raw: bytes | memoryview, limits: Limits, peer: object) -> _Layout:
+    # Hot path (every message): exact type checks, errors formatted only when raised.
     try:
-        meta = msgpack.unpackb(
-            raw,
-            raw=False,
-            strict_map_key=True,
-            ext_hook=_reject_ext,
-            max_buffer_size=max(len(raw), 1),
-            use_list=True,
-        )
+        meta = msgpack.unpackb(raw, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise FrameError(peer, f"undecodable header: {type(exc).__name__}: {exc}") from None
-    if not isinstance(meta, dict) or set(meta) != _HEADER_KEYS:
+    if type(meta) is not dict or meta.keys() != _HEADER_KEYS:
         keys = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
         raise FrameError(peer, f"header must be a map with keys {sorted(_HEADER_KEYS)}, got {keys}")
-    kind, sender, session, header, arrays = (meta[k] for k in ("kind", "sender", "session", "header", "arrays"))
-    if not isinstance(kind, str) or not 0 < len(kind) <= _MAX_KIND:
+    kind, sender, session = meta["kind"], meta["sender"], meta["session"]
+    header, arrays = meta["header"], meta["arrays"]
+    if type(kind) is not str or not 0 < len(kind) <= _MAX_KIND:
         raise FrameError(peer, f"bad message kind {kind!r:.80}")
-    if isinstance(sender, bool) or not isinstance(sender, (int, str)):
+    if type(sender) is not int and type(sender) is not str:
         raise FrameError(peer, f"bad sender {sender!r:.80}")
-    if not isinstance(session, str):
+    if type(session) is not str:
         raise FrameError(peer, f"bad session {session!r:.80}")
-    if not isinstance(header, dict):
+    if type(header) is not dict:
         raise FrameError(peer, "the user header must be a map")
-    if not isinstance(arrays, list) or len(arrays) > limits.max_arrays:
+    if type(arrays) is not list or len(arrays) > limits.max_arrays:
         raise FrameError(peer, f"array table must be a list of at most {limits.max_arrays} entries")
-    layout = _Layout(kind, sender, session, header)
+    table = []
     offset = 0
-    names = set()
+    names: set[str] = set()
     for entry in arrays:
-        if not (isinstance(entry, list) and len(entry) == 3):
+        if type(entry) is not list or len(entry) != 3:
             raise FrameError(peer, f"array entry {entry!r:.80} is not [name, dtype, shape]")
         name, dtype_name, shape = entry
-        if not isinstance(name, str) or len(name) > _MAX_NAME or name in names:
+        if type(name) is not str or len(name) > _MAX_NAME or name in names:
             raise FrameError(peer, f"array name {name!r:.80} is not a unique string of at most {_MAX_NAME} characters")
         names.add(name)
-        dtype = WIRE_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+        dtype = WIRE_DTYPES.get(dtype_name) if type(dtype_name) is str else None
         if dtype is None:
             raise FrameError(peer, f"array {name!r} has dtype {dtype_name!r:.40}, which is not on the allow-list")
-        if (
-            not isinstance(shape, list)
-            or len(shape) > _MAX_NDIM
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-        ):
+        if type(shape) is not list or len(shape) > _MAX_NDIM:
             raise FrameError(peer, f"array {name!r} has an invalid shape {shape!r:.80}")
         count = 1
         for d in shape:
+            if type(d) is not int or d < 0:  # (type(True) is bool, so booleans are refused too)
+                raise FrameError(peer, f"array {name!r} has an invalid shape {shape!r:.80}")
             count *= d
         nbytes = count * dtype.itemsize
         if offset + nbytes > limits.max_message_bytes:
             raise FrameError(
-                peer, f"message declares more than {limits.max_message_bytes} bytes of arrays (limit max_message_bytes)"
+                peer, f"declared array bytes exceed the limit of {limits.max_message_bytes} (max_message_bytes)"
             )
-        layout.arrays.append((name, dtype, tuple(shape), offset, nbytes))
-        offset += nbytes + _pad(nbytes)
-    layout.body_bytes = offset
-    return layout
+        table.append((name, dtype, tuple(shape), offset, nbytes))
+        offset += nbytes + (-nbytes % _ALIGN)
+    return _Layout(kind, sender, session, header, table, offset)
+
+
+_LITTLE_ENDIAN_HOST = sys.byteorder == "little"
 
 
 def _views(body: Any, layout: _Layout) -> dict[str, np.ndarray]:
@@ -302,17 +317,21 @@ def _views(body: Any, layout: _Layout) -> dict[str, np.ndarray]:
         if nbytes == 0:
             out[name] = np.empty(shape, dtype=dtype.newbyteorder("="))
             continue
-        arr = np.frombuffer(body, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset).reshape(shape)
-        # Little-endian on the wire; this is a no-op view change on little-endian hosts.
-        out[name] = arr if arr.dtype.isnative else arr.astype(dtype.newbyteorder("="))
+        arr = np.frombuffer(body, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset)
+        if len(shape) != 1:
+            arr = arr.reshape(shape)
+        # Little-endian on the wire: a copy only on big-endian hosts.
+        out[name] = arr if _LITTLE_ENDIAN_HOST else arr.astype(dtype.newbyteorder("="))
     return out
 
 
-def _message(layout: _Layout, body: Any) -> Message:
-    return Message(layout.kind, layout.sender, layout.session, layout.header, _views(body, layout))
+def _message(layout: _Layout, body: Any, nbytes: int) -> Message:
+    return Message(layout.kind, layout.sender, layout.session, layout.header, _views(body, layout), nbytes)
 
 
-def decode_message(data: bytes | bytearray | memoryview, *, limits: Limits = Limits(), peer: object = "peer") -> Message:
+def decode_message(
+    data: bytes | bytearray | memoryview, *, limits: Limits = Limits(), peer: object = "peer"
+) -> Message:
     """Decode one whole message without copying array bytes (the arrays view ``data``)."""
     view = memoryview(data).cast("B") if not isinstance(data, bytes) else data
     size = len(view)
@@ -328,9 +347,11 @@ def decode_message(data: bytes | bytearray | memoryview, *, limits: Limits = Lim
     layout = _parse_header(view[_PREFIX.size : head_end], limits, peer)
     if size - body_start != layout.body_bytes:
         what = "truncated" if size - body_start < layout.body_bytes else "oversized"
-        raise FrameError(peer, f"{what} message: header declares {layout.body_bytes} array bytes, got {size - body_start}")
+        raise FrameError(
+            peer, f"{what} message: header declares {layout.body_bytes} array bytes, got {size - body_start}"
+        )
     body = memoryview(view)[body_start:] if isinstance(view, bytes) else view[body_start:]
-    return _message(layout, body)
+    return _message(layout, body, size)
 
 
 class StreamDecoder:
@@ -339,11 +360,19 @@ class StreamDecoder:
     The header is validated as soon as it is complete, before any array byte
     is accepted; the array bytes are then copied once into a buffer of exactly
     the declared size.  :meth:`finish` checks that nothing is missing.
+
+    With a ``copier`` (an executor), fragments of at least ``_OFFLOAD_BYTES``
+    are copied by it instead of the caller: numpy releases the GIL for the
+    copy, so an event loop feeding the decoder goes on reading the socket
+    while earlier fragments are being copied.  Then call :meth:`wait_copies`
+    (or await :meth:`copies_done`) before :meth:`finish`.
     """
 
-    def __init__(self, *, limits: Limits = Limits(), peer: object = "peer"):
+    def __init__(self, *, limits: Limits = Limits(), peer: object = "peer", copier: Executor | None = None):
         self._limits = limits
         self._peer = peer
+        self._copier = copier
+        self._copies: list[Future] = []
         self._head = bytearray()
         self._head_needed = _PREFIX.size
         self._hlen: int | None = None
@@ -363,10 +392,26 @@ class StreamDecoder:
         end = self._pos + len(data)
         if end > self._layout.body_bytes:
             raise FrameError(
-                self._peer, f"oversized message: header declares {self._layout.body_bytes} array bytes, got at least {end}"
+                self._peer,
+                f"oversized message: header declares {self._layout.body_bytes} array bytes, got at least {end}",
             )
-        self._view[self._pos : end] = data
+        if self._copier is not None and len(data) >= _OFFLOAD_BYTES:
+            self._copies.append(self._copier.submit(_copy_into, self._body, self._pos, data))
+        else:
+            self._view[self._pos : end] = data
         self._pos = end
+
+    def wait_copies(self) -> None:
+        """Wait for copies handed to the copier (re-raising any failure)."""
+        for future in self._copies:
+            future.result()
+        self._copies.clear()
+
+    async def copies_done(self) -> None:
+        """:meth:`wait_copies` for an event loop: waits without blocking it."""
+        if self._copies:
+            await asyncio.gather(*(asyncio.wrap_future(f) for f in self._copies))
+            self._copies.clear()
 
     def _feed_head(self, data: memoryview) -> memoryview:
         """Accumulate prefix and header bytes; returns what is left of ``data``."""
@@ -388,10 +433,12 @@ class StreamDecoder:
         return data
 
     def finish(self) -> Message:
+        if self._copies:
+            self.wait_copies()
         if self._layout is None:
             raise FrameError(self._peer, f"truncated message: {self.received} bytes end inside the header")
         if self._pos != self._layout.body_bytes:
             raise FrameError(
                 self._peer, f"truncated message: header declares {self._layout.body_bytes} array bytes, got {self._pos}"
             )
-        return _message(self._layout, self._body)
+        return _message(self._layout, self._body, self.received)
