@@ -131,6 +131,7 @@ def main(args: argparse.Namespace) -> int:
             frac_bits=config.frac_bits,
             truncation=config.truncation,
             timeout_s=config.recv_timeout_s,
+            **config.comparison,
         )
         transport.close()
     except BaseException as exc:

@@ -69,3 +69,12 @@ def cli_program(ctx, scale):
     x = ctx.share(a if ctx.rank == 0 else None, owner=0)
     y = ctx.share(np.ones((3, 2)) if ctx.rank == 1 else None, owner=1)
     return (x @ y).reveal()
+
+
+def relu_stats(ctx, x):
+    """ReLU of party 0's input: the value revealed to all, and this party's accounting."""
+    shared = ctx.share(x if ctx.rank == 0 else None, owner=0)
+    before = ctx.stats()
+    out = shared.relu()
+    after = ctx.stats()
+    return out.reveal(), {k: after[k] - before[k] for k in after}

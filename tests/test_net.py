@@ -686,3 +686,17 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
     toml_with_typo.write_text(text)
     with pytest.raises(ConfigError, match="'prot'"):
         load_config(toml_with_typo)
+
+
+def test_comparison_options_reach_the_processes():
+    import mpc
+    from tests.net_programs import relu_stats
+
+    x = np.linspace(-3, 3, 64)
+    got = mpc.run_processes(relu_stats, parties=2, args=(x,), comparison="generic", comparison_bits=32)
+    want = mpc.run_local(relu_stats, parties=2, args=(x,), comparison="generic", comparison_bits=32)
+    for (value, stats), (ref_value, ref_stats) in zip(got, want):
+        np.testing.assert_allclose(value, np.maximum(x, 0), atol=2**-16)
+        assert stats == ref_stats
+    # the generic protocol takes more than FSS's 2 rounds: the option really arrived
+    assert got[0][1]["rounds"] > 3

@@ -9,6 +9,8 @@ Example (``parties.toml``; paths are relative to the file)::
     [mpc]
     frac_bits = 16
     truncation = "exact"
+    comparison = "auto"       # "fss" (2 parties), "generic" or "auto"
+    comparison_bits = 64
 
     [timeouts]
     connect_s = 60          # keep dialling a peer that is not up yet
@@ -63,6 +65,7 @@ from typing import Any
 
 from ..comm import DEFAULT_TIMEOUT_S
 from ..errors import ConfigError
+from ..protocols.compare import check_comparison_options, check_comparison_slack
 from .auth import MIN_SECRET_BYTES
 from .channel import ChannelOptions, Membership
 from .tls import client_context, server_context
@@ -73,7 +76,7 @@ __all__ = ["Endpoint", "TLSConfig", "NetworkConfig", "load_config", "parse_confi
 log = logging.getLogger("primia.net.config")
 
 _TOP_KEYS = {"session", "secret", "secret_file", "allow_plaintext", "mpc", "timeouts", "limits", "tls", "party"}
-_MPC_KEYS = {"frac_bits", "truncation"}
+_MPC_KEYS = {"frac_bits", "truncation", "comparison", "comparison_bits", "comparison_slack_bits"}
 _TIMEOUT_KEYS = {
     "connect_s": "connect_timeout_s",
     "auth_s": "auth_timeout_s",
@@ -123,6 +126,8 @@ class NetworkConfig:
     tls: TLSConfig | None = None
     frac_bits: int = 16
     truncation: str = "exact"
+    #: comparison, comparison_bits, comparison_slack_bits, as for mpc.run_local
+    comparison: dict[str, Any] = field(default_factory=dict)
 
     @property
     def parties(self) -> int:
@@ -254,6 +259,11 @@ def parse_config(data: dict[str, Any], *, base_dir: Path = Path("."), source: st
     truncation = mpc.get("truncation", "exact")
     if truncation not in ("exact", "local"):
         raise ConfigError(f"{source} [mpc]: truncation must be \"exact\" or \"local\", got {truncation!r}")
+    comparison = {
+        "comparison": mpc.get("comparison", "auto"),
+        "comparison_bits": mpc.get("comparison_bits", 64),
+        "comparison_slack_bits": mpc.get("comparison_slack_bits", 0),
+    }
 
     timeouts = _table(data, "timeouts", source)
     _unknown(timeouts, _TIMEOUT_KEYS, f"{source} [timeouts]")
@@ -287,6 +297,11 @@ def parse_config(data: dict[str, Any], *, base_dir: Path = Path("."), source: st
         tls = TLSConfig(_path(tls_table["ca"], base_dir, f"{source} [tls] ca"), mutual)
 
     endpoints = _endpoints(data.get("party"), base_dir, source, tls is not None)
+    try:
+        bits = check_comparison_options(comparison["comparison"], comparison["comparison_bits"], len(endpoints) - 1)[1]
+        check_comparison_slack(comparison["comparison_slack_bits"], bits)
+    except ConfigError as exc:
+        raise ConfigError(f"{source} [mpc]: {exc}") from None
     allow_plaintext = data.get("allow_plaintext", False)
     if not isinstance(allow_plaintext, bool):
         raise ConfigError(f"{source}: 'allow_plaintext' must be true or false")
@@ -307,6 +322,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path = Path("."), source: st
         tls=tls,
         frac_bits=frac_bits,
         truncation=truncation,
+        comparison=comparison,
     )
 
 

@@ -35,6 +35,7 @@ import numpy as np
 from ..comm import DEFAULT_TIMEOUT_S, Communicator
 from ..context import setup_dealer, setup_party
 from ..dealer import serve_dealer
+from ..protocols.compare import check_comparison_options, check_comparison_slack
 from ..errors import PeerFailure, PrimiaError
 from .channel import ChannelOptions, Membership
 from .connection import NetworkTransport, endpoint_name
@@ -69,6 +70,7 @@ def run_endpoint(
     frac_bits: int = 16,
     truncation: str = "exact",
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    **context_options: Any,
 ) -> Any:
     """Run party ``rank`` (``program(ctx, *args)``) or, for ``rank == parties``, the dealer, over ``transport``.
 
@@ -81,7 +83,7 @@ def run_endpoint(
         return None
     if program is None:
         raise ValueError(f"party {rank} needs a program to run")
-    ctx = setup_party(comm, frac_bits=frac_bits, truncation=truncation)
+    ctx = setup_party(comm, frac_bits=frac_bits, truncation=truncation, **context_options)
     result = program(ctx, *args)
     ctx.close()
     return result
@@ -236,6 +238,7 @@ def _child_main(
             frac_bits=settings["frac_bits"],
             truncation=settings["truncation"],
             timeout_s=settings["timeout_s"],
+            **settings["context"],
         )
         transport.close()
         try:
@@ -384,6 +387,9 @@ def run_processes(
     args: tuple = (),
     frac_bits: int = 16,
     truncation: str = "exact",
+    comparison: str = "auto",
+    comparison_bits: int = 64,
+    comparison_slack_bits: int = 0,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     start_timeout_s: float = 120.0,
     limits: Limits | None = None,
@@ -398,6 +404,8 @@ def run_processes(
     numpy arrays, numbers, strings, bytes, or lists/tuples/dicts of those.
 
     Args:
+        frac_bits, truncation, comparison, comparison_bits, comparison_slack_bits:
+            the context options, as for :func:`mpc.run_local`.
         timeout_s: how long any party waits for any one message.
         start_timeout_s: how long start-up (imports, listening, connecting) may take.
         limits, options: wire limits and channel timing for the mesh.
@@ -415,10 +423,16 @@ def run_processes(
     if truncation not in ("exact", "local"):
         raise ValueError(f"truncation must be 'exact' or 'local', got {truncation!r}")
     _check_program(program)
+    check_comparison_slack(comparison_slack_bits, check_comparison_options(comparison, comparison_bits, parties)[1])
     options = options or ChannelOptions(connect_timeout_s=start_timeout_s)
     settings = {
         "frac_bits": frac_bits,
         "truncation": truncation,
+        "context": {
+            "comparison": comparison,
+            "comparison_bits": comparison_bits,
+            "comparison_slack_bits": comparison_slack_bits,
+        },
         "timeout_s": timeout_s,
         "start_timeout_s": start_timeout_s,
         "limits": limits or Limits(),
