@@ -162,7 +162,7 @@ def _add_tile(out, i0, j0, rows, values):
                 out[i0 + di, j0 + dj] += values[4 * di + dj]
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _split_matmul(xr, xs, y, out, mb, nb, kb):
     """out[i, j] += sum_k x[i, k] * y[j, k] mod 2^64 for zero-initialised ``out`` (split kernel).
 
@@ -234,7 +234,7 @@ def _plain_tile_4x4(x0, x1, x2, x3, yl):
     return (s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _plain_matmul(x, y, out, mb, nb, kb):
     """out[i, j] += sum_k x[i, k] * y[j, k] mod 2^64 for zero-initialised ``out`` (plain kernel).
 
@@ -267,7 +267,7 @@ def _plain_matmul(x, y, out, mb, nb, kb):
 # --------------------------------------------------------------------------------------------
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _pack_rows(src, dst, swap_halves):
     """dst[j, k] = src[j, k] (32-bit halves swapped if ``swap_halves``), zero outside ``src``.
 
@@ -470,7 +470,7 @@ def ring_matmul_nt(a: np.ndarray, bt: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _im2col(x_padded, c_lo, channels, kh, kw, sh, sw, dh, dw, h_out, w_out, swap_halves, dst):
     """Write the receptive fields of ``x_padded`` (N, C, H, W) uint64 as the rows of ``dst``.
 
@@ -587,13 +587,13 @@ def ring_conv2d(
 # --------------------------------------------------------------------------------------------
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _fused_mul_add(z, x, y, out):
     for i in prange(out.shape[0]):
         out[i] = z[i] + x[i] * y[i]
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _fused_mul_add_shift(z, x, y, shift, out):
     s = np.int64(shift)
     for i in prange(out.shape[0]):
