@@ -1,0 +1,104 @@
+"""Errors of federated learning, each under the project-wide root in :mod:`mpc.errors`.
+
+    PrimiaError
+    ├── ConfigError
+    │   ├── DataFolderError    a node's image folder has problems (each one named)
+    │   └── ResumeError        a checkpoint cannot continue this configuration
+    ├── ProtocolError
+    │   └── InconsistentUpdate a node's update does not fit the agreed model layout
+    ├── PeerFailure
+    │   └── NodeDropped        a node disconnected or timed out, at a named stage
+    └── RoundFailed            a round could not complete
+        └── TooFewNodes        fewer than ``min_nodes`` nodes remain
+
+Every error carries its fields and builds its message from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mpc.errors import ConfigError, PeerFailure, PrimiaError, ProtocolError
+
+__all__ = [
+    "DataProblem",
+    "DataFolderError",
+    "ResumeError",
+    "InconsistentUpdate",
+    "NodeDropped",
+    "RoundFailed",
+    "TooFewNodes",
+]
+
+
+@dataclass(frozen=True)
+class DataProblem:
+    """One finding of the data-folder check.
+
+    ``severity`` is ``"error"`` (the node refuses to start) or ``"warning"``
+    (the node starts and handles it, e.g. by resizing).
+    """
+
+    severity: str
+    what: str
+    fix: str
+    paths: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        shown = ", ".join(self.paths[:5])
+        more = f" and {len(self.paths) - 5} more" if len(self.paths) > 5 else ""
+        where = f" ({shown}{more})" if self.paths else ""
+        return f"{self.severity}: {self.what}{where}; {self.fix}"
+
+
+class DataFolderError(ConfigError):
+    """The data folder cannot be used; ``problems`` lists every finding."""
+
+    def __init__(self, folder: str, problems: list[DataProblem]):
+        self.folder = folder
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"data folder {folder} has {len(problems)} problem(s):\n{lines}")
+
+
+class ResumeError(ConfigError):
+    """``--resume`` was asked for but the checkpoint does not fit the configuration."""
+
+
+class InconsistentUpdate(ProtocolError):
+    """A node sent an update whose size, dtype or values do not fit the agreed layout."""
+
+
+class NodeDropped(PeerFailure):
+    """A node disconnected or stopped answering during ``stage`` of a round."""
+
+    def __init__(self, node: str, stage: str, reason: str):
+        self.node = node
+        self.stage = stage
+        super().__init__(node, f"dropped during {stage}: {reason}")
+
+
+class RoundFailed(PrimiaError):
+    """Round ``round`` (0: the set-up) stopped at ``stage``; the global model keeps the previous round's weights."""
+
+    def __init__(self, round: int, stage: str, reason: str):
+        self.round = round
+        self.stage = stage
+        self.reason = reason
+        what = f"round {round}" if round else "set-up"
+        super().__init__(f"{what} failed during {stage}: {reason}")
+
+
+class TooFewNodes(RoundFailed):
+    """Fewer nodes than ``federation.min_nodes`` are left in a round."""
+
+    def __init__(self, round: int, stage: str, remaining: list[str], min_nodes: int):
+        self.remaining = remaining
+        self.min_nodes = min_nodes
+        super().__init__(
+            round,
+            stage,
+            f"only {len(remaining)} node(s) remain ({', '.join(remaining) or 'none'}) but "
+            f"federation.min_nodes = {min_nodes}; restart the missing nodes and resume with --resume, "
+            "or lower federation.min_nodes",
+        )

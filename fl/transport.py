@@ -1,0 +1,89 @@
+"""Hub and nodes over :mod:`mpc.net`: authenticated websocket channels carrying :mod:`mpc.net.wire` messages.
+
+The hub dials each node (``ws://host:port``) and both prove they hold the
+node's shared secret (:mod:`mpc.net.auth`, mutual HMAC challenge-response):
+the hub's identity is ``"hub"``, the node's is its name.  Messages are a
+msgpack header plus raw array bytes, large arrays go out as 1 MiB fragments
+(keepalive pings pass in between), compression is off and ``max_size`` comes
+from ``federation.max_message_mib``.  This module only converts between
+:class:`fl.messages.Message` and the wire, and counts bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from mpc.errors import ConfigError
+from mpc.net.auth import MIN_SECRET_BYTES
+from mpc.net.channel import Channel, ChannelOptions, Membership
+from mpc.net.wire import Limits
+from mpc.net.wire import Message as WireMessage
+
+from .messages import Message
+
+__all__ = [
+    "FL_SESSION",
+    "HUB_ID",
+    "limits_for",
+    "options_for",
+    "membership",
+    "send",
+    "recv",
+    "wire_size",
+]
+
+#: the session every federation handshake binds to (the secret is per node)
+FL_SESSION = "primia-federation/v1"
+HUB_ID = "hub"
+_PREFIX_BYTES = 12
+_ALIGN = 8
+
+
+def limits_for(max_message_mib: int) -> Limits:
+    return Limits(max_message_bytes=max_message_mib << 20)
+
+
+def options_for(*, connect_timeout_s: float = 60.0) -> ChannelOptions:
+    return ChannelOptions(connect_timeout_s=connect_timeout_s)
+
+
+def membership(local_id: str, token: str, *, what: str) -> Membership:
+    """The membership proof for ``local_id`` with a node's shared secret.
+
+    Raises:
+        ConfigError: the secret is shorter than :data:`mpc.net.auth.MIN_SECRET_BYTES`.
+    """
+    secret = token.encode("utf-8")
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"{what}: the secret has {len(secret)} bytes; use at least {MIN_SECRET_BYTES} "
+            "(make one with `openssl rand -hex 32`)"
+        )
+    return Membership(local_id, secret, FL_SESSION)
+
+
+async def send(channel: Channel, msg: Message) -> int:
+    """Send one message; returns the bytes it took on the wire."""
+    return await channel.send(msg.kind, msg.header, msg.arrays)
+
+
+async def recv(channel: Channel) -> tuple[Message, int]:
+    """The next message and its size on the wire (arrays are read-only views)."""
+    wire = await channel.recv()
+    return Message(wire.kind, dict(wire.header), dict(wire.arrays)), wire_size(wire)
+
+
+def wire_size(wire: WireMessage) -> int:
+    """Bytes the sender put on the wire for ``wire`` (the same layout :func:`mpc.net.wire.encode_message` writes)."""
+    meta: dict[str, Any] = {
+        "kind": wire.kind,
+        "sender": wire.sender,
+        "session": wire.session,
+        "header": wire.header,
+        "arrays": [[name, arr.dtype.name, list(arr.shape)] for name, arr in wire.arrays.items()],
+    }
+    head = _PREFIX_BYTES + len(msgpack.packb(meta, use_bin_type=True))
+    body = sum(arr.nbytes + (-arr.nbytes % _ALIGN) for arr in wire.arrays.values())
+    return head + (-head % _ALIGN) + body

@@ -1,0 +1,202 @@
+"""Real federations: ``primia node`` processes on 127.0.0.1, the hub over authenticated websockets."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fl.config import parse_config
+from fl.hub import run_hub
+from mpc.errors import ConfigError, PeerFailure
+
+from .fl_helpers import ROOT, NodeProcesses, assert_close_models, digits_folders, to_toml
+from .test_net import tls_material  # noqa: F401 - a fixture: a CA and a certificate for 127.0.0.1
+
+NAMES = ("alpha", "beta", "gamma")
+FAST = {"training": {"local_steps": 8, "batch_size": 32, "lr": 0.1}, "model": {"width": 8}}
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory):
+    work = tmp_path_factory.mktemp("federation")
+    data = digits_folders(work / "data", NAMES, limit=450)
+    procs = NodeProcesses(work, data, NAMES)
+    procs.start()
+    yield procs
+    procs.stop()
+
+
+@pytest.fixture
+def live(nodes):
+    nodes.ensure_running()  # a test may have killed one
+    return nodes
+
+
+def model_state(report):
+    return torch.load(report["outputs"]["model"], weights_only=True)
+
+
+@pytest.mark.timeout(300)
+def test_secure_federation_of_three_nodes(live, tmp_path):
+    cfg = parse_config(live.config(list(NAMES), tmp_path / "run", run={"rounds": 3}, **FAST))
+    report = run_hub(cfg, progress=False)
+    rounds = report["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert all(r["included"] == list(NAMES) and r["dropped"] == [] for r in rounds)
+    final = report["final"]
+    assert final["pooled"]["accuracy"] > 0.5  # ten classes: chance is 0.1
+    assert set(final["nodes"]) == set(NAMES)
+    assert final["pooled"]["samples"] == sum(m["samples"] for m in final["nodes"].values())
+    for metrics in (final["pooled"], *final["nodes"].values()):
+        assert {"loss", "accuracy", "mcc", "roc_auc_macro", "confusion_matrix", "per_class"} <= set(metrics)
+        assert {"sensitivity", "specificity", "roc_auc"} <= set(metrics["per_class"]["3"])
+    # each node uploads one masked update of 4 bytes per value, plus a few hundred bytes of keys and seeds
+    size = sum(torch.numel(t) for t in model_state(report).values() if t.is_floating_point())
+    for per_node in rounds[-1]["bytes"].values():
+        assert 4 * size < per_node["from_node"] < 4 * size + 4096
+    for key in ("report", "metrics_plot", "roc_plot", "checkpoint", "model"):
+        assert (tmp_path / "run").joinpath(report["outputs"][key].split("/")[-1]).stat().st_size > 0
+    saved = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert saved["run"]["rounds_done"] == 3 and "token" not in json.dumps(saved["config"])
+
+
+@pytest.mark.timeout(300)
+def test_two_node_secure_and_plain_aggregation_agree(live, tmp_path):
+    two = ["alpha", "beta"]
+    secure = run_hub(parse_config(live.config(two, tmp_path / "secure", run={"rounds": 1}, **FAST)), progress=False)
+    plain = run_hub(parse_config(live.config(two, tmp_path / "plain", run={"rounds": 1},
+                                             aggregation={"secure": False}, **FAST)), progress=False)
+    # one fixed-point rounding (2^-17) per node and weight, plus float32 rounding of the new weights
+    worst = assert_close_models(model_state(secure), model_state(plain), atol=2 * 2.0**-17 + 1e-6)
+    assert worst > 0  # the secure path really went through fixed point
+    update = max(float((model_state(plain)[k] - v).abs().max()) for k, v in _initial(live, tmp_path).items())
+    assert update > 1e-2  # and the nodes really trained
+
+
+def _initial(live, tmp_path):
+    from fl.models import build_model
+
+    return build_model("simple_cnn", num_classes=10, in_channels=1, input_size=8, width=8, seed=3).state_dict()
+
+
+@pytest.mark.timeout(300)
+def test_a_node_killed_mid_round_leaves_the_others_to_finish(live, tmp_path):
+    def kill_gamma_on_round_two_roster(event, info):
+        # The roster goes out once every key is in: gamma has joined round 2's masks but cannot upload.
+        if event == "send" and info["kind"] == "roster" and info["round"] == 2 and info["node"] == "gamma":
+            live.kill("gamma")
+
+    cfg = parse_config(live.config(list(NAMES), tmp_path / "run", run={"rounds": 3},
+                                   federation={"min_nodes": 2}, **FAST))
+    report = run_hub(cfg, observer=kill_gamma_on_round_two_roster, progress=False)
+    rounds = {r["round"]: r for r in report["rounds"]}
+    assert rounds[1]["included"] == list(NAMES)
+    assert rounds[2]["included"] == ["alpha", "beta"] and rounds[2]["dropped"] == ["gamma"]
+    assert rounds[3]["included"] == ["alpha", "beta"]
+    assert report["final"]["pooled"]["accuracy"] > 0.5
+    assert set(report["final"]["nodes"]) == {"alpha", "beta"}
+
+
+@pytest.mark.timeout(300)
+def test_a_wrong_secret_is_refused(live, tmp_path):
+    raw = live.config(["alpha", "beta"], tmp_path / "run", federation={"min_nodes": 2, "connect_timeout_s": 5})
+    raw["federation"]["nodes"][0]["token"] = "not-the-right-secret-at-all"
+    with pytest.raises(PeerFailure, match="alpha: .*prove membership"):
+        run_hub(parse_config(raw), progress=False)
+
+
+@pytest.mark.timeout(600)
+def test_resume_after_the_hub_is_killed_continues_the_same_run(live, tmp_path):
+    rounds = 5
+    reference = run_hub(parse_config(live.config(list(NAMES), tmp_path / "ref", run={"rounds": rounds}, **FAST)),
+                        progress=False)
+    raw = live.config(list(NAMES), tmp_path / "run", run={"rounds": rounds}, **FAST)
+    config = tmp_path / "federation.toml"
+    config.write_text(to_toml(raw))
+    hub = subprocess.Popen([sys.executable, "-m", "cli.main", "train", "--config", str(config), "--no-progress"],
+                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = tmp_path / "run" / "report.json"
+    deadline = time.monotonic() + 240
+    while not (progress.exists() and json.loads(progress.read_text())["run"]["rounds_done"] >= 2):
+        assert hub.poll() is None and time.monotonic() < deadline, "the hub ended before round 2"
+        time.sleep(0.02)
+    hub.send_signal(signal.SIGKILL)
+    hub.wait()
+    done_before_kill = json.loads(progress.read_text())["run"]["rounds_done"]
+    assert done_before_kill < rounds, "the hub finished before it could be killed; make the run longer"
+
+    resumed = run_hub(parse_config(raw), resume=True, progress=False)
+    assert [r["round"] for r in resumed["rounds"]] == list(range(1, rounds + 1))
+    # same seeds, same data, the nodes' optimizer state per round: the resumed run is the uninterrupted one
+    assert_close_models(model_state(resumed), model_state(reference), atol=1e-6)
+
+
+def test_cli_names_bad_config_keys_and_bad_data_folders(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[training]\nlrr = 0.1\n')
+    run = subprocess.run([sys.executable, "-m", "cli.main", "train", "--config", str(bad)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert "training.lrr: unknown key (did you mean training.lr?)" in run.stderr
+    check = subprocess.run([sys.executable, "-m", "cli.main", "node", "--data", str(tmp_path / "nothing"), "--check"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert check.returncode == 1 and "does not exist" in check.stderr
+
+
+@pytest.mark.timeout(300)
+def test_a_node_over_tls(tmp_path, tls_material):
+    """wss:// with the node's certificate; the node runs its real server, in a thread of this process."""
+    import asyncio
+    import threading
+
+    from fl.data import scan_folder
+    from fl.node import NodeServer
+    from fl.node_protocol import NodeRuntime
+    from mpc.net.tls import server_context
+
+    data = digits_folders(tmp_path / "data", ("solo",), limit=120)
+    token = "tls-test-secret-0123456789"
+    server = NodeServer(NodeRuntime(scan_folder(data / "solo"), name="solo"), name="solo", token=token, once=True,
+                        tls=server_context(tls_material / "server.pem", tls_material / "server.key"))
+    ready = threading.Event()
+    port = []
+    thread = threading.Thread(
+        target=lambda: asyncio.run(server.serve("127.0.0.1", 0, lambda p: (port.append(p), ready.set()))), daemon=True
+    )
+    thread.start()
+    assert ready.wait(60)
+    raw = {
+        "run": {"rounds": 1, "output_dir": str(tmp_path / "run")},
+        "federation": {"nodes": [{"name": "solo", "address": f"wss://127.0.0.1:{port[0]}", "token": token}],
+                       "tls_ca": str(tls_material / "ca.pem")},
+        "model": {"width": 4}, "data": {"input_size": 8}, "training": {"local_steps": 2},
+        "aggregation": {"secure": False},
+    }
+    report = run_hub(parse_config(raw), progress=False)
+    thread.join(30)
+    assert report["rounds"][0]["included"] == ["solo"] and not thread.is_alive()
+    with pytest.raises(ConfigError, match="federation.tls_ca: missing"):
+        parse_config({**raw, "federation": {"nodes": raw["federation"]["nodes"]}})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    run = subprocess.run([sys.executable, "-m", "cli.main", "demo", "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((out / "demo-summary.json").read_text())
+    assert summary["holdout_accuracy"] > 0.95
+    assert summary["final"]["pooled"]["accuracy"] > 0.95
+    for name in ("report.json", "metrics.png", "roc.png", "model.pt", "checkpoint.pt"):
+        assert (out / "run" / name).stat().st_size > 0
+    encrypted = summary["encrypted_inference"]
+    assert encrypted is not None and encrypted["agreement"] >= 7 / 8
+    assert f"Outputs in {out}" in run.stdout
