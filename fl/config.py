@@ -285,46 +285,30 @@ def _reject_unknown(table: Mapping[str, Any], known: Any, *, prefix: str) -> Non
             raise ConfigError(f"{prefix}{key}: unknown key{hint}")
 
 
-_CHECKERS: dict[Any, Callable[[str, Any], Any]] = {}
-
-
-def _checker(annotation: Any) -> Callable[[Callable[[str, Any], Any]], Callable[[str, Any], Any]]:
-    def register(fn: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
-        _CHECKERS[annotation] = fn
-        return fn
-
-    return register
-
-
-@_checker("int")
 def _as_int(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     return value
 
 
-@_checker("float")
 def _as_float(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     return float(value)
 
 
-@_checker("bool")
 def _as_bool(key: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     return value
 
 
-@_checker("str")
 def _as_str(key: str, value: Any) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     return value
 
 
-@_checker("tuple[float, ...]")
 def _as_floats(key: str, value: Any) -> tuple[float, ...]:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = [value]
@@ -333,7 +317,6 @@ def _as_floats(key: str, value: Any) -> tuple[float, ...]:
     return tuple(_as_float(f"{key}[{i}]", v) for i, v in enumerate(value))
 
 
-@_checker("tuple[NodeEntry, ...]")
 def _as_nodes(key: str, value: Any) -> tuple[NodeEntry, ...]:
     if not isinstance(value, (list, tuple)):
         raise ConfigError(f"{key}: expected [[{key}]] tables, got {value!r}")
@@ -346,7 +329,6 @@ def _as_nodes(key: str, value: Any) -> tuple[NodeEntry, ...]:
     return tuple(nodes)
 
 
-@_checker("tuple[Augmentation, ...]")
 def _as_augmentations(key: str, value: Any) -> tuple[Augmentation, ...]:
     if not isinstance(value, (list, tuple)):
         raise ConfigError(f"{key}: expected [[{key}]] tables, got {value!r}")
@@ -360,6 +342,18 @@ def _as_augmentations(key: str, value: Any) -> tuple[Augmentation, ...]:
             _check_plain_value(f"{where}.{k}", v)
         out.append(Augmentation(item["name"], kwargs))
     return tuple(out)
+
+
+#: the checker for each field annotation (as a string: ``from __future__ import annotations``)
+_CHECKERS: dict[str, Callable[[str, Any], Any]] = {
+    "int": _as_int,
+    "float": _as_float,
+    "bool": _as_bool,
+    "str": _as_str,
+    "tuple[float, ...]": _as_floats,
+    "tuple[NodeEntry, ...]": _as_nodes,
+    "tuple[Augmentation, ...]": _as_augmentations,
+}
 
 
 def _check_plain_value(key: str, value: Any) -> None:

@@ -155,7 +155,8 @@ class Hub:
                 history.append(record)
                 self._checkpoint(run_id, number, model, server, classes, channels, nodes, history)
                 self.observer("round", record)
-                _log_round(record, cfg.run.rounds)
+                # a line per round, unless a progress bar shows the same (the line would break the bar)
+                _log_round(record, cfg.run.rounds, logging.DEBUG if bar is not None else logging.INFO)
                 if bar is not None:
                     bar.update(1)
                     pooled = (record.get("eval") or {}).get("pooled") or {}
@@ -435,7 +436,7 @@ class Hub:
         return report
 
     def _progress_bar(self, start: int) -> Any:
-        show = self.progress if self.progress is not None else os.isatty(2)
+        show = self.progress if self.progress is not None else _terminal_columns() > 0
         if not show:
             return None
         from tqdm import tqdm
@@ -449,6 +450,14 @@ def _traffic(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int
             for n, (sent, received) in before.items()}
 
 
+def _terminal_columns() -> int:
+    """Width of the terminal on stderr; 0 when stderr is not one (or one without a size)."""
+    try:
+        return os.get_terminal_size(2).columns if os.isatty(2) else 0
+    except OSError:
+        return 0
+
+
 def _now() -> float:
     return time.monotonic()
 
@@ -457,10 +466,11 @@ def _fmt(value: Any) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def _log_round(record: dict[str, Any], rounds: int) -> None:
+def _log_round(record: dict[str, Any], rounds: int, level: int) -> None:
     pooled = (record.get("eval") or {}).get("pooled") or {}
     up = [b["from_node"] for b in record["bytes"].values()]
-    log.info(
+    log.log(
+        level,
         "round %d/%d: %d node(s)%s, val loss %s, accuracy %s, MCC %s, %.1f s, %.2f MB up per node",
         record["round"], rounds, len(record["included"]),
         f" ({len(record['dropped'])} dropped: {', '.join(record['dropped'])})" if record["dropped"] else "",

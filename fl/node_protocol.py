@@ -212,6 +212,7 @@ class NodeSession:
         configured = self.trainer is not None
         self.state = NodeState.READY if configured else NodeState.CLOSED
         self._reset_round()
+        self._pending.clear()  # the rest of the abandoned round's work reports to no one
         actions: list[Action] = [Send(_error(f"{type(exc).__name__}: {exc}"))]
         if not configured:
             actions.append(Close(str(exc)))

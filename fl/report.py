@@ -2,7 +2,8 @@
 
 - ``report.json``: the run, the configuration (without secrets), every node's
   data summary, and per round: learning rate, included and dropped nodes,
-  weights, bytes per node, seconds, training figures per node, validation
+  weights, bytes per node (``bytes``: the round; ``eval_bytes``: the
+  evaluation), seconds, training figures per node, validation
   metrics per node and pooled; the final metrics; the pooled ROC curves.
 - ``metrics.png``: loss, accuracy, MCC and macro ROC-AUC per round, pooled
   (thick) and per node (thin).

@@ -189,3 +189,21 @@ def test_a_malformed_hello_ack_disconnects_its_sender(data, data_field):
     (dropped,) = [x for x in actions if isinstance(x, Dropped)]
     assert dropped.node == "a" and "protocol error" in dropped.reason
     assert fed.hub.phase is Phase.HANDSHAKE and fed.hub.active == {"b", "c"}
+
+
+def test_a_failed_step_abandons_the_nodes_round(data):
+    """Mask expansion fails while the model trains: the node reports it, and the finished training sends nothing."""
+    cfg = make_config(list(NAMES))
+    fed = InMemoryFederation(cfg, node_runtimes(data, NAMES))
+    model = build_model("simple_cnn", num_classes=10, in_channels=1, input_size=8, width=4, seed=cfg.run.seed)
+    fed.setup(CLASSES, 1, Layout.of(model))
+    session = fed.sessions["a"]
+    session.receive(Message(Kind.KEYS, {"round": 1, "context": b"ctx"}))
+    keys = {"a": session._secagg.public_key(), "b": bytes(32)}
+    (expand,) = session.receive(Message(Kind.ROSTER, {"round": 1, "keys": keys}))
+    weights = Layout.of(model).flatten(model)
+    (train,) = session.receive(Message(Kind.TRAIN, {"round": 1, "lr": 0.05, "weight": 0.5}, {"weights": weights}))
+    failed = session.work_failed(expand.ticket, RuntimeError("boom"))
+    assert [a.message.kind for a in failed] == [Kind.ERROR] and "boom" in failed[0].message.header["reason"]
+    assert session.work_done(train.ticket, train.call()) == []  # no update of any kind for the abandoned round
+    assert session.state.value == "ready"
