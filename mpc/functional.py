@@ -10,13 +10,9 @@ from . import bilinear
 from .private import PrivateTensor
 from .protocols.beaver import beaver
 from .protocols.owned import owned_product
-from .tensor import SharedTensor
+from .tensor import SharedTensor, public_operand
 
 __all__ = ["conv2d", "linear", "matmul"]
-
-
-def _scale_of(ctx, value: Any) -> tuple[np.ndarray, int]:
-    return SharedTensor(ctx, np.zeros(0, np.int64), ctx.frac_bits)._public(value)
 
 
 def conv2d(
@@ -41,10 +37,10 @@ def conv2d(
         z = beaver(x.ctx, x.share, weight.share, "conv2d", params)
         out = x._finish_product(z, x.frac_bits, weight.frac_bits)
     elif isinstance(x, SharedTensor):
-        ring, scale = _scale_of(x.ctx, weight)
+        ring, scale = public_operand(weight, x.ctx.frac_bits)
         out = x._finish_product(bilinear.evaluate("conv2d", x.share, ring, params), x.frac_bits, scale)
     elif isinstance(weight, SharedTensor):
-        ring, scale = _scale_of(weight.ctx, x)
+        ring, scale = public_operand(x, weight.ctx.frac_bits)
         out = weight._finish_product(bilinear.evaluate("conv2d", ring, weight.share, params), scale, weight.frac_bits)
     else:
         raise TypeError("conv2d needs at least one SharedTensor operand")

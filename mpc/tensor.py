@@ -26,6 +26,16 @@ if TYPE_CHECKING:
 __all__ = ["SharedTensor", "concatenate", "stack", "pad", "where_public"]
 
 
+def public_operand(value: Any, frac_bits: int) -> tuple[np.ndarray, int]:
+    """A public operand as (ring array, scale): integers exact at scale 0, reals at ``frac_bits``."""
+    arr = np.asarray(value)
+    if arr.dtype == np.bool_ or np.issubdtype(arr.dtype, np.integer):
+        return encode(arr, 0), 0
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise TypeError(f"cannot combine a SharedTensor with {type(value).__name__} of dtype {arr.dtype}")
+    return encode(arr, frac_bits), frac_bits
+
+
 class SharedTensor:
     """This party's additive share of a fixed-point tensor."""
 
@@ -62,13 +72,7 @@ class SharedTensor:
 
     # -- helpers -------------------------------------------------------------------
     def _public(self, value: Any) -> tuple[np.ndarray, int]:
-        """A public operand as (ring array, scale)."""
-        arr = np.asarray(value)
-        if arr.dtype == np.bool_ or np.issubdtype(arr.dtype, np.integer):
-            return encode(arr, 0), 0
-        if not np.issubdtype(arr.dtype, np.floating):
-            raise TypeError(f"cannot combine a SharedTensor with {type(value).__name__} of dtype {arr.dtype}")
-        return encode(arr, self.ctx.frac_bits), self.ctx.frac_bits
+        return public_operand(value, self.ctx.frac_bits)
 
     def rescale(self, frac_bits: int) -> "SharedTensor":
         """The same value at a higher scale (exact, local) or a lower one (truncation)."""
