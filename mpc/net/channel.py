@@ -38,6 +38,7 @@ from websockets.protocol import State
 
 from ..errors import AuthenticationError, FrameError, PeerFailure
 from .auth import AcceptPeer, client_handshake, server_handshake
+from .framing import DirectPayloads, PayloadTarget
 from .wire import Limits, Message, PeerId, StreamDecoder, decode_message, encode_message, message_nbytes
 
 __all__ = [
@@ -76,9 +77,10 @@ class ChannelOptions:
         write_limit: bytes buffered in user space before a send waits for the
             socket (flow control).
         read_size: bytes read from the socket per call (into one reused buffer).
-        buffered_reads: read with ``asyncio.BufferedProtocol`` into a reused
-            buffer (fewer allocations on bulk transfers); False falls back to
-            websockets' default connection classes.
+        buffered_reads: read with ``asyncio.BufferedProtocol``: ordinary reads
+            into one reused buffer, and the payloads of large binary frames
+            straight into their own buffers (:mod:`mpc.net.framing`); False
+            falls back to websockets' default connection classes.
     """
 
     connect_timeout_s: float = 60.0
@@ -136,38 +138,15 @@ def describe_close(exc: ConnectionClosed, peer: object, ping_timeout_s: float | 
 
 
 def _tune(ws: Any, options: ChannelOptions) -> None:
-    if isinstance(ws, _ReusedReadBuffer):
+    if isinstance(ws, DirectPayloads):
         ws.read_size = options.read_size
 
 
-class _ReusedReadBuffer(asyncio.BufferedProtocol):
-    """Socket reads into one reused buffer instead of a fresh ``bytes`` per read.
-
-    asyncio's default path allocates a new object for every read (up to 256 KiB
-    at a time); on bulk transfers that allocation, and the page faults of fresh
-    memory, cost more than the copy websockets makes anyway when it appends the
-    data to its own stream buffer.  With ``BufferedProtocol`` the transport
-    ``recv_into`` s this buffer and we pass a view of it on.
-    """
-
-    read_size = 1 << 20
-    _read_buffer: memoryview | None = None
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        if self._read_buffer is None or len(self._read_buffer) != self.read_size:
-            self._read_buffer = memoryview(bytearray(self.read_size))
-        return self._read_buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        # websockets copies what it is given into its stream buffer, so the view may be reused.
-        self.data_received(self._read_buffer[:nbytes])
-
-
-class _ClientConnection(_ReusedReadBuffer, ClientConnection):
+class _ClientConnection(DirectPayloads, ClientConnection):
     pass
 
 
-class _ServerConnection(_ReusedReadBuffer, ServerConnection):
+class _ServerConnection(DirectPayloads, ServerConnection):
     pass
 
 
@@ -252,20 +231,39 @@ class Channel:
     async def recv(self) -> Message:
         """The next message from the peer, validated against the limits, sender and session."""
         fragments = self.ws.recv_streaming()
+        first: Any = None
+        decoder: StreamDecoder | None = None
+
+        def start_decoder() -> StreamDecoder:
+            nonlocal decoder
+            if decoder is None:
+                new = StreamDecoder(limits=self.limits, peer=self.peer_label, copier=self.copier)
+                new.feed(first)
+                decoder = new
+            return decoder
+
+        def payload_target(nbytes: int) -> np.ndarray | None:
+            # Called by the connection at the header of a large fragment, while we wait for it.
+            try:
+                return start_decoder().reserve(nbytes)
+            except FrameError:
+                return None  # raised again below, where the fragment is fed
+
         try:
             first = await anext(fragments)
+            _check_binary(first, self.peer_label)
+            self._expect(payload_target)
             second = await anext(fragments, None)
             if second is None:
-                _check_binary(first, self.peer_label)
                 message = decode_message(first, limits=self.limits, peer=self.peer_label)
             else:
-                decoder = StreamDecoder(limits=self.limits, peer=self.peer_label, copier=self.copier)
-                for fragment in (first, second):
+                start_decoder()
+                fragment = second
+                while fragment is not None:
                     _check_binary(fragment, self.peer_label)
                     decoder.feed(fragment)
-                async for fragment in fragments:
-                    _check_binary(fragment, self.peer_label)
-                    decoder.feed(fragment)
+                    self._expect(payload_target)
+                    fragment = await anext(fragments, None)
                 await decoder.copies_done()
                 message = decoder.finish()
         except ConnectionClosed as exc:
@@ -280,6 +278,8 @@ class Channel:
         except UnicodeDecodeError:
             # websockets has already failed the connection (1007).
             raise FrameError(self.peer_label, "text frame with invalid UTF-8") from None
+        finally:
+            self._expect(None)
         if message.sender != self.peer_id or message.session != self.membership.session:
             reason = (
                 f"message claims sender {message.sender!r} in session {message.session!r:.40}, but the connection "
@@ -289,6 +289,11 @@ class Channel:
             await self._close(CLOSE_POLICY, "sender or session mismatch")
             raise FrameError(self.peer_label, reason)
         return message
+
+    def _expect(self, target: PayloadTarget | None) -> None:
+        """Let the connection write the next large fragment in place (only with every earlier one fed)."""
+        if isinstance(self.ws, DirectPayloads):
+            self.ws.payload_target = target
 
     # -- closing -------------------------------------------------------------------
     async def _close(self, code: int, reason: str) -> None:

@@ -221,6 +221,10 @@ def _copy_into(body: np.ndarray, pos: int, data: memoryview) -> None:
     np.copyto(body[pos : pos + len(data)], np.frombuffer(data, dtype=np.uint8))
 
 
+def _address(data: memoryview) -> int:
+    return np.frombuffer(data, dtype=np.uint8).ctypes.data if len(data) else 0
+
+
 def message_nbytes(chunks: list[bytes | memoryview]) -> int:
     """Total bytes of an encoded message."""
     return sum(len(c) if isinstance(c, bytes) else c.nbytes for c in chunks)
@@ -380,6 +384,7 @@ class StreamDecoder:
         self._body: np.ndarray | None = None
         self._view: memoryview | None = None
         self._pos = 0
+        self._reserved = -1
         self.received = 0
 
     def feed(self, fragment: bytes | bytearray | memoryview) -> None:
@@ -395,11 +400,26 @@ class StreamDecoder:
                 self._peer,
                 f"oversized message: header declares {self._layout.body_bytes} array bytes, got at least {end}",
             )
-        if self._copier is not None and len(data) >= _OFFLOAD_BYTES:
+        if self._reserved == self._pos and _address(data) == self._body.ctypes.data + self._pos:
+            pass  # written in place by the receiver (see reserve)
+        elif self._copier is not None and len(data) >= _OFFLOAD_BYTES:
             self._copies.append(self._copier.submit(_copy_into, self._body, self._pos, data))
         else:
             self._view[self._pos : end] = data
         self._pos = end
+
+    def reserve(self, nbytes: int) -> np.ndarray | None:
+        """Where the next ``nbytes`` fragment bytes go, for a receiver to write them in place.
+
+        Returns the slice of the message body that the next fragment fills, if
+        that fragment carries only array bytes (the header is complete) and fits;
+        else None.  :meth:`feed` then recognises the fragment by its address and
+        copies nothing.
+        """
+        if self._layout is None or self._pos + nbytes > self._layout.body_bytes:
+            return None
+        self._reserved = self._pos
+        return self._body[self._pos : self._pos + nbytes]
 
     def wait_copies(self) -> None:
         """Wait for copies handed to the copier (re-raising any failure)."""
