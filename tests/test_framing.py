@@ -152,3 +152,49 @@ def test_large_fragments_are_written_in_place(monkeypatch):
     np.testing.assert_array_equal(reply.arrays["a"], arr)
     # both directions: every fragment after the first array fragment is a candidate
     assert sum(placed) >= 40, f"only {sum(placed)} of {len(placed)} fragments were placed"
+
+
+def _frame(opcode: int, payload: bytes, fin: bool, key: bytes) -> bytes:
+    """A client's (masked) frame, written out by hand."""
+    n = len(payload)
+    length = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big") if n < 1 << 16 \
+        else bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    return bytes([(0x80 if fin else 0) | opcode]) + length + key + apply_mask(payload, key)
+
+
+def test_frames_cut_anywhere_by_the_network_still_arrive_whole():
+    """A client's frames trickling in as odd-sized pieces: headers and payloads split at every kind of place."""
+    from websockets.asyncio.client import connect as ws_connect
+
+    from mpc.net.auth import client_handshake
+
+    arr = np.random.default_rng(5).integers(0, 1 << 60, 40_000, dtype=np.int64)  # 320 KB: two direct fragments
+    chunks = [bytes(c) for c in wire.encode_message("x", {"k": 9}, {"a": arr}, sender="rogue", session="s1",
+                                                    chunk_bytes=200_000)]
+    key = b"\x9a\x01\xfe\x37"
+    stream = b"".join(_frame(0x2 if i == 0 else 0x0, c, i == len(chunks) - 1, key) for i, c in enumerate(chunks))
+    cuts = [1, 1, 2, 3, 9, 4, 7, 1, 13, 65536, 2, 11, 100_000, 1, 5]
+
+    async def main():
+        server = await _echo_server()
+        port = server.sockets[0].getsockname()[1]
+        try:
+            ws = await ws_connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None)
+            await client_handshake(ws, secret=SECRET, local_id="rogue", server_id="hub", session="s1", timeout_s=5)
+            pos = 0
+            for cut in cuts + [len(stream)]:
+                ws.transport.write(stream[pos : pos + cut])
+                pos += cut
+                await asyncio.sleep(0.005)  # separate reads on the server
+                if pos >= len(stream):
+                    break
+            reply = wire.decode_message(await ws.recv())
+            await ws.close()
+            return reply
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    reply = asyncio.run(main())
+    assert reply.header == {"k": 9}
+    np.testing.assert_array_equal(reply.arrays["a"], arr)

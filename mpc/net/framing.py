@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import struct
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 import numpy as np
@@ -85,6 +86,14 @@ class DirectPayloads(asyncio.BufferedProtocol):
     """
 
     payload_target: PayloadTarget | None = None
+    read_size = 1 << 20
+    _read_buffer: memoryview | None = None
+    _phase = "http"  # "http" (opening handshake), "frames" (split here), "raw" (all to websockets)
+    _http_tail = b""  # last bytes seen in the http phase, to find b"\r\n\r\n" across reads
+    _header = b""  # bytes of a frame header not yet complete
+    _forward_left = 0  # payload bytes of the current frame still to hand to websockets as they come
+    _direct: "_DirectFrame | None" = None  # the frame whose payload is being read into its own buffer
+    _bulk = False  # the last frame was taken directly: read the next header alone, not into the read buffer
 
     def __init__(self, protocol: Protocol, *args: Any, **kwargs: Any) -> None:
         super().__init__(protocol, *args, **kwargs)
@@ -100,20 +109,10 @@ class DirectPayloads(asyncio.BufferedProtocol):
             self.payload_target = None
         super().process_event(event)
 
-    read_size = 1 << 20
-    _read_buffer: memoryview | None = None
-    _phase = "http"  # "http" (opening handshake), "frames" (split here), "raw" (all to websockets)
-    _http_tail = b""  # last bytes seen in the http phase, to find b"\r\n\r\n" across reads
-    _header = b""  # bytes of a frame header not yet complete
-    _forward_left = 0  # payload bytes of the current frame still to hand to websockets as they come
-    _direct: tuple[np.ndarray, int, Opcode, bool, bytes | None] | None = None  # buffer, filled, opcode, fin, mask
-    _bulk = False  # the last frame was taken directly: read the next header alone, not into the read buffer
-
     # -- asyncio.BufferedProtocol ----------------------------------------------------
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._direct is not None:
-            buffer, filled = self._direct[0], self._direct[1]
-            return memoryview(buffer)[filled:]
+            return self._direct.rest()
         if self._read_buffer is None or len(self._read_buffer) != self.read_size:
             self._read_buffer = memoryview(bytearray(self.read_size))
         if self._bulk and not self._header and not self._forward_left:
@@ -124,9 +123,8 @@ class DirectPayloads(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._direct is not None:
-            buffer, filled, opcode, fin, mask = self._direct
-            self._direct = (buffer, filled + nbytes, opcode, fin, mask)
-            if filled + nbytes == buffer.size:
+            self._direct.filled += nbytes
+            if self._direct.complete:
                 self._deliver_direct()
             return
         # websockets copies what it is given into its stream buffer, so the view may be reused.
@@ -152,12 +150,12 @@ class DirectPayloads(asyncio.BufferedProtocol):
                 data = data[take:]
                 continue
             if self._direct is not None:  # a read that ran past a header into a direct payload
-                buffer, filled, opcode, fin, mask = self._direct
-                take = min(buffer.size - filled, len(data))
-                buffer[filled : filled + take] = np.frombuffer(data[:take], dtype=np.uint8)
-                self._direct = (buffer, filled + take, opcode, fin, mask)
+                rest = self._direct.rest()
+                take = min(len(rest), len(data))
+                rest[:take] = data[:take]
+                self._direct.filled += take
                 data = data[take:]
-                if filled + take == buffer.size:
+                if self._direct.complete:
                     self._deliver_direct()
                 continue
             data = self._take_header(data)
@@ -183,6 +181,8 @@ class DirectPayloads(asyncio.BufferedProtocol):
         """At a frame boundary: collect the header, then decide who takes the payload."""
         if self.protocol.state is not State.OPEN:
             self._phase = "raw"
+            self._forward(self._header)
+            self._header = b""
             return data
         header = self._header + bytes(data[:_MAX_HEADER])
         size = _header_size(header)
@@ -204,7 +204,7 @@ class DirectPayloads(asyncio.BufferedProtocol):
             mask = header[-4:] if masked else None
             target = self.payload_target(length) if self.payload_target is not None else None
             buffer = target if target is not None else np.empty(length, dtype=np.uint8)
-            self._direct = (buffer, 0, Opcode(first & 0x0F), bool(first & 0x80), mask)
+            self._direct = _DirectFrame(buffer, Opcode(first & 0x0F), bool(first & 0x80), mask)
         else:
             self._forward(header)
             self._forward_left = length
@@ -224,18 +224,33 @@ class DirectPayloads(asyncio.BufferedProtocol):
         return limit is None or length <= limit
 
     def _deliver_direct(self) -> None:
-        buffer, _, opcode, fin, mask = self._direct
-        self._direct = None
-        if mask is not None:
-            unmask_in_place(buffer, mask)
+        frame, self._direct = self._direct, None
+        if frame.mask is not None:
+            unmask_in_place(frame.buffer, frame.mask)
         protocol = self.protocol
         try:
-            protocol.recv_frame(Frame(opcode, memoryview(buffer), fin))
+            protocol.recv_frame(Frame(frame.opcode, memoryview(frame.buffer), frame.fin))
         except ProtocolError as exc:  # e.g. a continuation with no message begun: as websockets' parser would
             protocol.fail(CloseCode.PROTOCOL_ERROR, str(exc))
             protocol.parser_exc = exc
         # An empty read runs websockets' usual follow-up: process events, write replies, arm close timers.
         self.data_received(b"")
+
+
+@dataclass
+class _DirectFrame:
+    buffer: np.ndarray  # uint8, exactly the payload's size
+    opcode: Opcode
+    fin: bool
+    mask: bytes | None  # the masking key of a client's frame
+    filled: int = 0
+
+    def rest(self) -> memoryview:
+        return memoryview(self.buffer)[self.filled :]
+
+    @property
+    def complete(self) -> bool:
+        return self.filled == self.buffer.size
 
 
 def _header_size(header: bytes) -> int:
