@@ -64,13 +64,23 @@ def test_stream_decoder_reserves_nothing_before_the_header_is_complete():
     assert decoder.reserve(8) is None
 
 
-async def _echo_server(options=FAST, limits=Limits()):
+def _with_echo_server(client, options=FAST, limits=Limits()):
+    """Run ``await client(port)`` against a server that echoes every message; returns its result."""
+
     async def handler(channel):
         while True:
             msg = await channel.recv()
             await channel.send("echo", msg.header, msg.arrays)
 
-    return await serve(handler, "127.0.0.1", 0, membership=_member("hub"), options=options, limits=limits)
+    async def main():
+        server = await serve(handler, "127.0.0.1", 0, membership=_member("hub"), options=options, limits=limits)
+        try:
+            return await client(server.sockets[0].getsockname()[1])
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    return asyncio.run(main())
 
 
 def _messages():
@@ -96,23 +106,17 @@ def _messages():
 def test_echo_of_every_size_is_exact_in_both_directions(server_options, client_options, chunk_bytes):
     limits = Limits(chunk_bytes=chunk_bytes)
 
-    async def main():
-        server = await _echo_server(server_options, limits)
-        port = server.sockets[0].getsockname()[1]
-        try:
-            client = await connect(f"ws://127.0.0.1:{port}", membership=_member("node"), peer_id="hub",
-                                   options=client_options, limits=limits)
-            replies = []
-            for i, arrays in enumerate(_messages()):
-                await client.send("ping", {"i": i}, arrays)
-                replies.append(await client.recv())
-            await client.close()
-            return replies
-        finally:
-            server.close()
-            await server.wait_closed()
+    async def client(port):
+        channel = await connect(f"ws://127.0.0.1:{port}", membership=_member("node"), peer_id="hub",
+                                options=client_options, limits=limits)
+        replies = []
+        for i, arrays in enumerate(_messages()):
+            await channel.send("ping", {"i": i}, arrays)
+            replies.append(await channel.recv())
+        await channel.close()
+        return replies
 
-    replies = asyncio.run(main())
+    replies = _with_echo_server(client, server_options, limits)
     for i, (arrays, reply) in enumerate(zip(_messages(), replies)):
         assert reply.kind == "echo" and reply.header == {"i": i}
         assert list(reply.arrays) == list(arrays)
@@ -135,20 +139,14 @@ def test_large_fragments_are_written_in_place(monkeypatch):
     monkeypatch.setattr(wire.StreamDecoder, "reserve", counting)
     arr = np.random.default_rng(3).integers(0, 1 << 40, 4_000_000, dtype=np.int64)  # 32 MB, 31 fragments
 
-    async def main():
-        server = await _echo_server()
-        port = server.sockets[0].getsockname()[1]
-        try:
-            client = await connect(f"ws://127.0.0.1:{port}", membership=_member("node"), peer_id="hub", options=FAST)
-            await client.send("ping", None, {"a": arr})
-            reply = await client.recv()
-            await client.close()
-            return reply
-        finally:
-            server.close()
-            await server.wait_closed()
+    async def client(port):
+        channel = await connect(f"ws://127.0.0.1:{port}", membership=_member("node"), peer_id="hub", options=FAST)
+        await channel.send("ping", None, {"a": arr})
+        reply = await channel.recv()
+        await channel.close()
+        return reply
 
-    reply = asyncio.run(main())
+    reply = _with_echo_server(client)
     np.testing.assert_array_equal(reply.arrays["a"], arr)
     # both directions: every fragment after the first array fragment is a candidate
     assert sum(placed) >= 40, f"only {sum(placed)} of {len(placed)} fragments were placed"
@@ -175,26 +173,20 @@ def test_frames_cut_anywhere_by_the_network_still_arrive_whole():
     stream = b"".join(_frame(0x2 if i == 0 else 0x0, c, i == len(chunks) - 1, key) for i, c in enumerate(chunks))
     cuts = [1, 1, 2, 3, 9, 4, 7, 1, 13, 65536, 2, 11, 100_000, 1, 5]
 
-    async def main():
-        server = await _echo_server()
-        port = server.sockets[0].getsockname()[1]
-        try:
-            ws = await ws_connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None)
-            await client_handshake(ws, secret=SECRET, local_id="rogue", server_id="hub", session="s1", timeout_s=5)
-            pos = 0
-            for cut in cuts + [len(stream)]:
-                ws.transport.write(stream[pos : pos + cut])
-                pos += cut
-                await asyncio.sleep(0.005)  # separate reads on the server
-                if pos >= len(stream):
-                    break
-            reply = wire.decode_message(await ws.recv())
-            await ws.close()
-            return reply
-        finally:
-            server.close()
-            await server.wait_closed()
+    async def client(port):
+        ws = await ws_connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None)
+        await client_handshake(ws, secret=SECRET, local_id="rogue", server_id="hub", session="s1", timeout_s=5)
+        pos = 0
+        for cut in cuts + [len(stream)]:
+            ws.transport.write(stream[pos : pos + cut])
+            pos += cut
+            await asyncio.sleep(0.005)  # separate reads on the server
+            if pos >= len(stream):
+                break
+        reply = wire.decode_message(await ws.recv())
+        await ws.close()
+        return reply
 
-    reply = asyncio.run(main())
+    reply = _with_echo_server(client)
     assert reply.header == {"k": 9}
     np.testing.assert_array_equal(reply.arrays["a"], arr)
