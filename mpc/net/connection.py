@@ -18,9 +18,9 @@ it with one thread hop per message:
 - A per-peer reader task decodes each message in the loop and puts the array
   on a ``queue.SimpleQueue``; ``recv(peer, timeout_s)`` blocks on that queue
   only, so receiving costs no extra loop round-trip.  Large fragments are
-  copied into the result array by a helper thread with the GIL released
-  while the loop goes on reading; a one-frame message is decoded without a
-  copy.
+  read from the socket straight into the result array (:mod:`mpc.net.framing`),
+  or, when they arrive ahead of the reader, copied there by a helper thread
+  with the GIL released; a one-frame message is decoded without a copy.
 
 Failures.  A peer that disconnects without a normal close, closes with an
 error, stops answering keepalive pings, or sends a malformed frame fails the
