@@ -151,8 +151,11 @@ class BenchFederation:
                 proc.kill()
         self._tmp.cleanup()
 
-    def run(self, *, secure: bool, rounds: int = 3, ring_bits: int = 32) -> dict[str, Any]:
-        """One hub run; returns per-round seconds and mean bytes per node (upload and download)."""
+    def run(self, *, secure: bool, rounds: int = 3, ring_bits: int = 32, neighbours: int = 0) -> dict[str, Any]:
+        """One hub run; returns per-round seconds and mean bytes per node (upload and download).
+
+        ``neighbours``: ``aggregation.neighbours`` (0: every node masks with every other).
+        """
         from fl.config import parse_config
         from fl.hub import run_hub
 
@@ -166,7 +169,7 @@ class BenchFederation:
             },
             "model": {"name": "resnet18"},
             "data": {"input_size": 32},
-            "aggregation": {"secure": secure, "ring_bits": ring_bits},
+            "aggregation": {"secure": secure, "ring_bits": ring_bits, "neighbours": neighbours},
         }
         report = run_hub(parse_config(raw), progress=False)
         per_round = report["rounds"]
@@ -187,13 +190,13 @@ def _updates(nodes: int, size: int) -> dict[str, np.ndarray]:
     return {f"n{i}": rng.normal(scale=1e-3, size=size).astype(np.float32) for i in range(nodes)}
 
 
-def secure_pieces(nodes: int, size: int = RESNET18_VALUES) -> dict[str, float]:
+def secure_pieces(nodes: int, size: int = RESNET18_VALUES, neighbours: int = 0) -> dict[str, float]:
     """Seconds for a node's mask expansion (done while it trains), its encode-and-mask after
     training, and the hub's unmask (one process, no network)."""
     updates = _updates(nodes, size)
     weights = {n: 1.0 / nodes for n in updates}
-    hub = HubSecAgg(1, weights, size, 16, 32, 2)
-    parties = {n: NodeSecAgg(n, b"bench", 16, 32) for n in updates}
+    hub = HubSecAgg(1, weights, size, 16, 32, 2, neighbours=neighbours)
+    parties = {n: NodeSecAgg(n, b"bench", 16, 32, neighbours) for n in updates}
     for n, p in parties.items():
         hub.add_public_key(n, p.public_key())
     roster = hub.close_keys()

@@ -1,10 +1,11 @@
 """Print the secure-aggregation table: one FedAvg round of a ResNet-18-sized update, secure against plain.
 
-    python benchmarks/secagg_table.py [--nodes 3,10] [--repeat 3] [--rounds 3]
+    python benchmarks/secagg_table.py [--nodes 3,10] [--repeat 3] [--rounds 3] [--neighbours 4]
 
 For each node count, the same node processes serve alternating plain and secure
-hub runs (``--repeat`` of each), so that load from other processes hits both
-alike.  A round (hub view, over authenticated websockets on 127.0.0.1): send the
+hub runs (``--repeat`` of each; secure with every pair of nodes masking, and with
+each sparse ``aggregation.neighbours`` in ``--neighbours`` below nodes - 1), so that
+load from other processes hits all alike.  A round (hub view, over authenticated websockets on 127.0.0.1): send the
 global weights, collect every node's update, aggregate.  Training is replaced
 by a fixed update (see bench_secagg.py); round 1 of each run is a warm-up and
 left out.  Bytes are exact, from the hub's wire accounting, per node and round.
@@ -30,7 +31,16 @@ def main() -> None:
     parser.add_argument("--nodes", default="3,10", help="node counts, comma-separated (default 3,10)")
     parser.add_argument("--repeat", type=int, default=3, help="hub runs per mode and node count (default 3)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per hub run, the first a warm-up (default 3)")
+    parser.add_argument("--neighbours", default="4",
+                        help="sparse mask graphs to measure too, as aggregation.neighbours values, comma-separated; "
+                             "only those below nodes - 1 (default 4; '' for none)")
     args = parser.parse_args()
+    counts = [int(n) for n in args.nodes.split(",") if n]
+    sparse = [int(k) for k in args.neighbours.split(",") if k]
+
+    def modes(nodes: int) -> list[tuple[str, bool, int]]:
+        out = [("plain", False, 0), ("secure, every pair", True, 0)]
+        return out + [(f"secure, {k} neighbours", True, k) for k in sparse if 2 <= k < nodes - 1]
 
     rows = [
         f"ResNet-18 layout: {bench_secagg.RESNET18_VALUES:,} values (parameters and BatchNorm statistics), "
@@ -40,34 +50,37 @@ def main() -> None:
         "| download per node (B) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for nodes in (int(n) for n in args.nodes.split(",") if n):
-        times: dict[bool, list[float]] = {False: [], True: []}
-        bytes_up: dict[bool, float] = {}
-        bytes_down: dict[bool, float] = {}
+    for nodes in counts:
+        times: dict[str, list[float]] = {label: [] for label, _, _ in modes(nodes)}
+        bytes_up: dict[str, float] = {}
+        bytes_down: dict[str, float] = {}
         with bench_secagg.BenchFederation(nodes) as fed:
             for _ in range(args.repeat):
-                for secure in (False, True):
-                    result = fed.run(secure=secure, rounds=args.rounds)
-                    times[secure] += result["seconds"][1:]
-                    bytes_up[secure] = result["upload_bytes"][-1]
-                    bytes_down[secure] = result["download_bytes"][-1]
-        plain_t = statistics.median(times[False])
-        for secure in (False, True):
-            t = statistics.median(times[secure])
+                for label, secure, k in modes(nodes):
+                    result = fed.run(secure=secure, rounds=args.rounds, neighbours=k)
+                    times[label] += result["seconds"][1:]
+                    bytes_up[label] = result["upload_bytes"][-1]
+                    bytes_down[label] = result["download_bytes"][-1]
+        plain_t = statistics.median(times["plain"])
+        for label, _, _ in modes(nodes):
+            t = statistics.median(times[label])
             rows.append(
-                f"| {nodes} | {'secure' if secure else 'plain'} | {t:.2f} | {t / plain_t:.2f}x "
-                f"| {bytes_up[secure]:,.0f} | {bytes_up[secure] / bytes_up[False]:.5f}x | {bytes_down[secure]:,.0f} |"
+                f"| {nodes} | {label} | {t:.2f} | {t / plain_t:.2f}x "
+                f"| {bytes_up[label]:,.0f} | {bytes_up[label] / bytes_up['plain']:.5f}x | {bytes_down[label]:,.0f} |"
             )
-    rows += ["", "| nodes | node: expand masks, while training (s) | node: encode + mask, after training (s) "
-             "| hub: unmask the sum (s) | hub: plain weighted sum (s) |", "|---|---|---|---|---|"]
-    for nodes in (int(n) for n in args.nodes.split(",") if n):
-        pieces = [bench_secagg.secure_pieces(nodes) for _ in range(3)]
+        print("\n".join(rows[-len(modes(nodes)):]), file=sys.stderr, flush=True)  # progress
+    rows += ["", "| nodes | pair masks per node | node: expand masks, while training (s) "
+             "| node: encode + mask, after training (s) | hub: unmask the sum (s) | hub: plain weighted sum (s) |",
+             "|---|---|---|---|---|---|"]
+    for nodes in counts:
         plain = statistics.median(bench_secagg.plain_sum(nodes) for _ in range(3))
-        median = {key: statistics.median(p[key] for p in pieces) for key in pieces[0]}
-        rows.append(
-            f"| {nodes} | {median['node_expand_s']:.3f} | {median['node_mask_s']:.3f} "
-            f"| {median['hub_unmask_s']:.3f} | {plain:.3f} |"
-        )
+        for _, secure, k in modes(nodes)[1:]:
+            pieces = [bench_secagg.secure_pieces(nodes, neighbours=k) for _ in range(3)]
+            median = {key: statistics.median(p[key] for p in pieces) for key in pieces[0]}
+            rows.append(
+                f"| {nodes} | {k or nodes - 1} | {median['node_expand_s']:.3f} | {median['node_mask_s']:.3f} "
+                f"| {median['hub_unmask_s']:.3f} | {plain:.3f} |"
+            )
     print("\n".join(rows))
 
 

@@ -155,6 +155,13 @@ class AggregationConfig:
     secure: bool = _key("secure aggregation: the hub learns only the sum of the updates", default=True)
     frac_bits: int = _key("fixed-point fractional bits of the masked updates", default=16, lo=4, hi=40)
     ring_bits: int = _key("ring of the masked updates: 32 (bytes of float32) or 64", default=32, choices=(32, 64))
+    neighbours: int = _key(
+        "pair masks per node: 0 = with every other node (Bonawitz et al.); k >= 2 = with k neighbours on a "
+        "Harary graph (SecAgg+), less work per node, any k - 1 dropouts survived",
+        default=0,
+        lo=0,
+        hi=100_000,
+    )
     server_lr: float = _key("server learning rate applied to the averaged update (1 = FedAvg)", default=1.0, lo=0.0, hi=100.0)
     server_momentum: float = _key("server momentum on the averaged update (FedAvgM)", default=0.0, lo=0.0, hi=1.0)
 
@@ -467,6 +474,11 @@ def _check_cross(cfg: Config, *, need_nodes: bool) -> None:
     if any(s <= 0 for s in data.std):
         raise ConfigError(f"data.std: every value must be positive, got {list(data.std)}")
     agg = cfg.aggregation
+    if agg.neighbours == 1:
+        raise ConfigError(
+            "aggregation.neighbours: 1 would pair the nodes off without connecting them (the hub would learn "
+            "the sum of each pair); use 0 (every node masks with every other) or at least 2"
+        )
     if agg.secure and agg.frac_bits > agg.ring_bits - 8:
         raise ConfigError(
             f"aggregation.frac_bits: {agg.frac_bits} leaves too little integer range in a {agg.ring_bits}-bit ring; "

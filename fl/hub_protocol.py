@@ -233,7 +233,8 @@ class HubProtocol:
         rnd = _Round(number, shares, set(self.active), flat, float(lr))
         self._round = rnd
         if agg.secure:
-            rnd.secure = HubSecAgg(number, shares, self.layout.size, agg.frac_bits, agg.ring_bits, self.min_nodes)
+            rnd.secure = HubSecAgg(number, shares, self.layout.size, agg.frac_bits, agg.ring_bits, self.min_nodes,
+                                   neighbours=agg.neighbours)
             self.phase = Phase.KEYS
             self.deadline = now + self.cfg.federation.reply_timeout_s
             context = f"{self.run_id}|{self._session}|{number}".encode()

@@ -25,7 +25,7 @@ from mpc.errors import ProtocolError
 
 __all__ = ["PROTOCOL_VERSION", "Kind", "Message", "check", "check_map", "Any_", "TRAIN_FIGURES", "DATA_SUMMARY"]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: aggregation.neighbours (sparse mask graphs); reveals name dropped partners only
 
 
 class Kind:

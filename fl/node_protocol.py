@@ -301,7 +301,7 @@ class NodeSession:
             raise ProtocolError(self.peer, "asked for keys, but this run's aggregation is not secure")
         agg = self.cfg.aggregation
         self._round = msg.header["round"]
-        self._secagg = NodeSecAgg(self.node, msg.header["context"], agg.frac_bits, agg.ring_bits)
+        self._secagg = NodeSecAgg(self.node, msg.header["context"], agg.frac_bits, agg.ring_bits, agg.neighbours)
         self.state = NodeState.KEYED
         return [Send(Message(Kind.PUBLIC_KEY, {"round": self._round, "key": self._secagg.public_key()}))]
 

@@ -7,7 +7,7 @@ import pytest
 
 from fl.errors import RoundFailed, TooFewNodes
 from fl.hub_protocol import Configured, Disconnect, Dropped, Evaluated, NodesReady, Phase, RoundCollected
-from fl.messages import Kind, Message
+from fl.messages import PROTOCOL_VERSION, Kind, Message
 from fl.models import Layout, build_model
 from fl.node_protocol import Close, NodeSession, Send
 
@@ -161,7 +161,7 @@ def test_a_node_answers_out_of_order_messages_with_an_error(data):
 
 def test_a_node_refuses_a_hello_for_another_name(data):
     session = NodeSession(node_runtimes(data, ("a",))["a"])
-    actions = session.receive(Message(Kind.HELLO, {"protocol": 1, "run_id": "r", "node": "zz"}))
+    actions = session.receive(Message(Kind.HELLO, {"protocol": PROTOCOL_VERSION, "run_id": "r", "node": "zz"}))
     assert actions[0].message.kind == Kind.ERROR and "started as 'a'" in actions[0].message.header["reason"]
 
 
@@ -184,7 +184,7 @@ def test_a_malformed_hello_ack_disconnects_its_sender(data, data_field):
     fed = InMemoryFederation(cfg, node_runtimes(data, NAMES))
     fed.hub.start(list(NAMES), {}, 0.0)
     summary = {"classes": ["0", "1"], "counts": [1, 1], "channels": [1], "min_size": [8, 8], "max_size": [8, 8]}
-    ack = Message(Kind.HELLO_ACK, {"protocol": 1, "node": "a", "data": {**summary, **data_field}, "warnings": []})
+    ack = Message(Kind.HELLO_ACK, {"protocol": PROTOCOL_VERSION, "node": "a", "data": {**summary, **data_field}, "warnings": []})
     actions = fed.hub.receive("a", ack, 0.0)
     (dropped,) = [x for x in actions if isinstance(x, Dropped)]
     assert dropped.node == "a" and "protocol error" in dropped.reason
@@ -207,3 +207,42 @@ def test_a_failed_step_abandons_the_nodes_round(data):
     assert [a.message.kind for a in failed] == [Kind.ERROR] and "boom" in failed[0].message.header["reason"]
     assert session.work_done(train.ticket, train.call()) == []  # no update of any kind for the abandoned round
     assert session.state.value == "ready"
+
+
+# -- sparse mask graphs (aggregation.neighbours = 2: the ring a-b-c-d-e-f-a) -------------------------
+
+RING = ("a", "b", "c", "d", "e", "f")
+
+
+@pytest.fixture(scope="module")
+def ring_data(tmp_path_factory):
+    return digits_folders(tmp_path_factory.mktemp("digits6"), RING, limit=360)
+
+
+def test_a_sparse_mask_graph_survives_a_dropout_and_equals_plain_fedavg(ring_data):
+    fed, weights, _ = start(ring_data, names=RING, aggregation={"neighbours": 2})
+    fed.intercept = lambda node, msg: "lose" if node == "c" and msg.kind == Kind.TRAIN else None
+    got, events = one_round(fed, weights)
+    assert got.included == ["a", "b", "d", "e", "f"] and got.dropped == ["c"]
+    reference, _, _ = start(ring_data, names=("a", "b", "d", "e", "f"), aggregation={"secure": False})
+    want, _ = one_round(reference, weights)
+    assert np.abs(want.mean_update).max() > 1e-3
+    survivors = sum(got.weights[n] for n in got.included)
+    assert np.abs(got.mean_update - want.mean_update).max() <= 5 * 2.0**-17 / survivors
+
+
+def test_dropouts_that_disconnect_a_sparse_mask_graph_fail_the_round_cleanly(ring_data):
+    fed, weights, _ = start(ring_data, names=RING, aggregation={"neighbours": 2})
+    sent = []
+
+    def intercept(node, msg):
+        sent.append(msg.kind)
+        return "lose" if node in ("b", "e") and msg.kind == Kind.TRAIN else None
+
+    fed.intercept = intercept
+    _, events = one_round(fed, weights)
+    (error,) = failures(events)
+    # survivors a, f and c, d: two parts whose sums unmasking would reveal
+    assert isinstance(error, RoundFailed) and error.stage == "masked" and "aggregation.neighbours" in str(error)
+    assert "[['a', 'f'], ['c', 'd']]" in str(error)
+    assert fed.hub.phase is Phase.CLOSED and Kind.UNMASK not in sent  # no node was asked for its seeds
