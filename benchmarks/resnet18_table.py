@@ -40,10 +40,14 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torchvision  # noqa: E402
 
 import bridge  # noqa: E402
+
+if __name__ != "__mp_main__":
+    # The party processes (multiprocessing's spawn) import this file again as __mp_main__; they
+    # need neither, and importing torchvision there would add seconds to each process's start-up.
+    import torch
+    import torchvision
 
 #: CrypTen 0.4.1 on this machine (docs: /work/shared/reference/anchors.md), used when --crypten is not given
 CRYPTEN_REFERENCE = {"seconds": 26.9, "rounds": 925, "bytes": 5.0e9, "source": "reference run (anchors.md)"}
