@@ -33,6 +33,7 @@ at which the connection is no longer open, every byte is forwarded as is.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import secrets
 import struct
 from dataclasses import dataclass
@@ -266,16 +267,13 @@ class _ViewAssembler(Assembler):
     """websockets' frame assembler, except that streamed binary fragments are not copied.
 
     The library turns each fragment into ``bytes`` before yielding it, a copy
-    of every byte received; here a fragment is yielded as its frame holds it
-    (``bytes``, ``bytearray`` or a ``memoryview`` of a direct payload).  Text
-    and whole-message reads are unchanged.
+    of every byte received; here a binary fragment is yielded as its frame
+    holds it (``bytes``, ``bytearray`` or a ``memoryview`` of a direct
+    payload).  Text is decoded as the library does; whole-message reads
+    (``get``) are unchanged.
     """
 
     async def get_iter(self, decode: bool | None = None) -> AsyncIterator[Any]:
-        if decode:
-            async for fragment in super().get_iter(decode):
-                yield fragment
-            return
         if self.get_in_progress:
             raise ConcurrencyError("get() or get_iter() is already running")
         self.get_in_progress = True
@@ -285,20 +283,15 @@ class _ViewAssembler(Assembler):
             self.get_in_progress = False
             raise
         self.maybe_resume()
-        if decode is None and frame.opcode is Opcode.TEXT:
-            # A text message: hand it back and let the library's own path decode it.
-            self.frames.put_back([frame])
-            self.get_in_progress = False
-            async for fragment in super().get_iter(decode):
-                yield fragment
-            return
-        yield frame.data
+        text = decode if decode is not None else frame.opcode is Opcode.TEXT
+        utf8 = codecs.getincrementaldecoder("utf-8")() if text else None
+        yield utf8.decode(frame.data, frame.fin) if utf8 else frame.data
         while not frame.fin:
             # As in the library: cancelling here leaves the assembler stuck, which only happens when
             # the whole connection is being torn down.
             frame = await self.frames.get(not self.closed)
             self.maybe_resume()
-            yield frame.data
+            yield utf8.decode(frame.data, frame.fin) if utf8 else frame.data
         self.get_in_progress = False
 
 
