@@ -57,7 +57,9 @@ __all__ = ["DirectPayloads", "DIRECT_MIN_BYTES", "PayloadTarget"]
 PayloadTarget = Callable[[int], "np.ndarray | None"]
 
 #: payloads at least this large bypass websockets' stream buffer (smaller ones cost
-#: more in Python bookkeeping than the copies they would save)
+#: more in Python bookkeeping than the copies they would save); at least 2^16, so that
+#: such a frame's length always takes the 8-byte form, the minimal one (RFC 6455 §5.2)
+#: that _DirectSender writes
 DIRECT_MIN_BYTES = 64 << 10
 _HTTP_END = b"\r\n\r\n"
 _MAX_HEADER = 14
@@ -186,20 +188,15 @@ class DirectPayloads(asyncio.BufferedProtocol):
             self._header = b""
             return data
         header = self._header + bytes(data[:_MAX_HEADER])
-        size = _header_size(header)
-        if len(header) < size:
+        parsed = _parse_header(header)
+        if parsed is None:
             self._header = header
             return data[len(data):]
+        size, length = parsed
         used = size - len(self._header)
         self._header = b""
         header = header[:size]
-        first, second = header[0], header[1]
-        length = second & 0x7F
-        if length == 126:
-            (length,) = _U16.unpack_from(header, 2)
-        elif length == 127:
-            (length,) = _U64.unpack_from(header, 2)
-        masked = bool(second & 0x80)
+        first, masked = header[0], bool(header[1] & 0x80)
         self._bulk = self._can_take(first, masked, length)
         if self._bulk:
             mask = header[-4:] if masked else None
@@ -254,13 +251,19 @@ class _DirectFrame:
         return self.filled == self.buffer.size
 
 
-def _header_size(header: bytes) -> int:
-    """Length of the frame header that starts ``header`` (2 until its second byte is known)."""
+def _parse_header(header: bytes) -> tuple[int, int] | None:
+    """(header size, payload length) of the frame header that starts ``header``; None while incomplete."""
     if len(header) < 2:
-        return 2
-    length = header[1] & 0x7F
-    extra = 2 if length == 126 else 8 if length == 127 else 0
-    return 2 + extra + (4 if header[1] & 0x80 else 0)
+        return None
+    code = header[1] & 0x7F
+    size = 2 + (2 if code == 126 else 8 if code == 127 else 0) + (4 if header[1] & 0x80 else 0)
+    if len(header) < size:
+        return None
+    if code == 126:
+        return size, _U16.unpack_from(header, 2)[0]
+    if code == 127:
+        return size, _U64.unpack_from(header, 2)[0]
+    return size, code
 
 
 class _ViewAssembler(Assembler):
