@@ -11,8 +11,10 @@ Two kinds of measurement:
   authenticated websockets, with ResNet-18's layout (11,699,112 floating-point
   values with BatchNorm statistics).  A round is: the hub sends the global
   weights, every node returns its update (plain: float32; secure: the masked
-  uint32 vector after the key exchange), the hub aggregates.  Round time and
-  bytes on the wire per node come from the hub's own accounting.
+  uint32 vector after the key exchange), the hub aggregates.  With
+  ``masking="dealer"`` a ``primia dealer`` process (started with the nodes)
+  sends the hub the sum of the masks.  Round time and bytes on the wire per
+  node come from the hub's own accounting.
 - The pytest-benchmark cases time the pieces in one process: a node's
   encode-and-mask, the hub's unmask, the plain weighted sum.
 """
@@ -39,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from fl.aggregation import WeightedSum  # noqa: E402
-from fl.secagg import HubSecAgg, NodeSecAgg  # noqa: E402
+from fl.secagg import DEALER, DealerSecAgg, HubSecAgg, NodeSecAgg  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET18_CLASSES = 1000  # torchvision's ResNet-18 head: 11,689,512 parameters
@@ -120,10 +122,16 @@ class BenchFederation:
         self.work = Path(self._tmp.name)
         self.procs: list[subprocess.Popen] = []
         self.ports: dict[str, int] = {}
+        self.dealer_port = 0
 
     def __enter__(self) -> "BenchFederation":
         (self.work / "key").write_text(self.token)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        dealer = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "dealer", "--port", "0", "--port-file", str(self.work / "dealer.port"),
+             "--token-file", str(self.work / "key"), "--max-message-mib", "4096"],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(self.work / "dealer.log", "w"),
+        )
         for name in self.names:
             self.procs.append(subprocess.Popen(
                 [sys.executable, __file__, "--serve-node", name, str(self.work / f"{name}.port"),
@@ -139,6 +147,13 @@ class BenchFederation:
                     raise RuntimeError(f"benchmark node {name} failed: {(self.work / f'{name}.log').read_text()[-2000:]}")
                 time.sleep(0.05)
             self.ports[name] = json.loads(port_file.read_text())["port"]
+        self.procs.append(dealer)
+        while not (self.work / "dealer.port").exists():
+            if dealer.poll() is not None or time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                raise RuntimeError("the benchmark dealer failed to start")
+            time.sleep(0.05)
+        self.dealer_port = json.loads((self.work / "dealer.port").read_text())["port"]
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -151,10 +166,12 @@ class BenchFederation:
                 proc.kill()
         self._tmp.cleanup()
 
-    def run(self, *, secure: bool, rounds: int = 3, ring_bits: int = 32, neighbours: int = 0) -> dict[str, Any]:
+    def run(self, *, secure: bool, rounds: int = 3, ring_bits: int = 32, neighbours: int = 0,
+            masking: str = "pairwise") -> dict[str, Any]:
         """One hub run; returns per-round seconds and mean bytes per node (upload and download).
 
-        ``neighbours``: ``aggregation.neighbours`` (0: every node masks with every other).
+        ``neighbours``: ``aggregation.neighbours`` (0: every node masks with every other);
+        ``masking``: ``aggregation.masking`` ('pairwise' or 'dealer').
         """
         from fl.config import parse_config
         from fl.hub import run_hub
@@ -171,6 +188,9 @@ class BenchFederation:
             "data": {"input_size": 32},
             "aggregation": {"secure": secure, "ring_bits": ring_bits, "neighbours": neighbours},
         }
+        if secure and masking == "dealer":
+            raw["aggregation"]["masking"] = "dealer"
+            raw["federation"].update(dealer_address=f"ws://127.0.0.1:{self.dealer_port}", dealer_token=self.token)
         report = run_hub(parse_config(raw), progress=False)
         per_round = report["rounds"]
         return {
@@ -179,6 +199,7 @@ class BenchFederation:
             "seconds": [r["seconds"]["train_and_aggregate"] for r in per_round],
             "upload_bytes": [statistics.mean(b["from_node"] for b in r["bytes"].values()) for r in per_round],
             "download_bytes": [statistics.mean(b["to_node"] for b in r["bytes"].values()) for r in per_round],
+            "dealer_bytes": [r.get("dealer_bytes", {}).get("from_dealer", 0) for r in per_round],
         }
 
 
@@ -190,19 +211,28 @@ def _updates(nodes: int, size: int) -> dict[str, np.ndarray]:
     return {f"n{i}": rng.normal(scale=1e-3, size=size).astype(np.float32) for i in range(nodes)}
 
 
-def secure_pieces(nodes: int, size: int = RESNET18_VALUES, neighbours: int = 0) -> dict[str, float]:
+def secure_pieces(nodes: int, size: int = RESNET18_VALUES, neighbours: int = 0,
+                  masking: str = "pairwise") -> dict[str, float]:
     """Seconds for a node's mask expansion (done while it trains), its encode-and-mask after
-    training, and the hub's unmask (one process, no network)."""
+    training, the hub's unmask, and with dealer masking the dealer's expansion of the mask sum
+    (done while the nodes train) and its answer (one process, no network)."""
     updates = _updates(nodes, size)
     weights = {n: 1.0 / nodes for n in updates}
-    hub = HubSecAgg(1, weights, size, 16, 32, 2, neighbours=neighbours)
-    parties = {n: NodeSecAgg(n, b"bench", 16, 32, neighbours) for n in updates}
+    hub = HubSecAgg(1, weights, size, 16, 32, 2, neighbours=neighbours, masking=masking)
+    parties = {n: NodeSecAgg(n, b"bench", 16, 32, neighbours, masking=masking) for n in updates}
+    dealer = DealerSecAgg(1, b"bench", size, 32) if masking == DEALER else None
     for n, p in parties.items():
         hub.add_public_key(n, p.public_key())
     roster = hub.close_keys()
+    out: dict[str, float] = {}
+    if dealer is not None:
+        dealer.set_roster(roster)
+        t0 = time.perf_counter()
+        dealer.expand()
+        out["dealer_expand_s"] = time.perf_counter() - t0
     expand_seconds, mask_seconds = [], []
     for n, p in parties.items():
-        p.set_roster(roster)
+        p.set_roster(roster, dealer.public_key() if dealer is not None else None)
         t0 = time.perf_counter()
         p.expand_masks(size)
         expand_seconds.append(time.perf_counter() - t0)
@@ -211,12 +241,17 @@ def secure_pieces(nodes: int, size: int = RESNET18_VALUES, neighbours: int = 0) 
         mask_seconds.append(time.perf_counter() - t0)
         hub.add_masked(n, masked)
     included, dropped = hub.close_uploads()
-    for n in included:
-        hub.add_reveal(n, *parties[n].reveal(included, dropped))
+    if dealer is not None:
+        t0 = time.perf_counter()
+        hub.add_mask_sum("dealer", dealer.mask_sum(included, dropped))
+        out["dealer_answer_s"] = time.perf_counter() - t0
+    else:
+        for n in included:
+            hub.add_reveal(n, *parties[n].reveal(included, dropped))
     t0 = time.perf_counter()
     hub.result()
     return {"node_expand_s": statistics.median(expand_seconds), "node_mask_s": statistics.median(mask_seconds),
-            "hub_unmask_s": time.perf_counter() - t0}
+            "hub_unmask_s": time.perf_counter() - t0, **out}
 
 
 def plain_sum(nodes: int, size: int = RESNET18_VALUES) -> float:
@@ -241,6 +276,10 @@ def test_node_encode_and_mask_3_nodes(benchmark):
 
 def test_hub_unmask_3_nodes(benchmark):
     benchmark.pedantic(lambda: secure_pieces(3), rounds=2, iterations=1)
+
+
+def test_dealer_masked_pieces_10_nodes(benchmark):
+    benchmark.pedantic(lambda: secure_pieces(10, masking=DEALER), rounds=2, iterations=1)
 
 
 def test_plain_weighted_sum_3_nodes(benchmark):

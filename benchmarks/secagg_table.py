@@ -3,8 +3,9 @@
     python benchmarks/secagg_table.py [--nodes 3,10] [--repeat 3] [--rounds 3] [--neighbours 4]
 
 For each node count, the same node processes serve alternating plain and secure
-hub runs (``--repeat`` of each; secure with every pair of nodes masking, and with
-each sparse ``aggregation.neighbours`` in ``--neighbours`` below nodes - 1), so that
+hub runs (``--repeat`` of each; secure with every pair of nodes masking, with
+each sparse ``aggregation.neighbours`` in ``--neighbours`` below nodes - 1, and
+with ``aggregation.masking = 'dealer'`` and a ``primia dealer`` process), so that
 load from other processes hits all alike.  A round (hub view, over authenticated websockets on 127.0.0.1): send the
 global weights, collect every node's update, aggregate.  Training is replaced
 by a fixed update (see bench_secagg.py); round 1 of each run is a warm-up and
@@ -38,9 +39,10 @@ def main() -> None:
     counts = [int(n) for n in args.nodes.split(",") if n]
     sparse = [int(k) for k in args.neighbours.split(",") if k]
 
-    def modes(nodes: int) -> list[tuple[str, bool, int]]:
-        out = [("plain", False, 0), ("secure, every pair", True, 0)]
-        return out + [(f"secure, {k} neighbours", True, k) for k in sparse if 2 <= k < nodes - 1]
+    def modes(nodes: int) -> list[tuple[str, bool, int, str]]:
+        out = [("plain", False, 0, ""), ("secure, every pair", True, 0, "pairwise")]
+        out += [(f"secure, {k} neighbours", True, k, "pairwise") for k in sparse if 2 <= k < nodes - 1]
+        return out + [("secure, dealer", True, 0, "dealer")]
 
     rows = [
         f"ResNet-18 layout: {bench_secagg.RESNET18_VALUES:,} values (parameters and BatchNorm statistics), "
@@ -51,18 +53,18 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for nodes in counts:
-        times: dict[str, list[float]] = {label: [] for label, _, _ in modes(nodes)}
+        times: dict[str, list[float]] = {label: [] for label, *_ in modes(nodes)}
         bytes_up: dict[str, float] = {}
         bytes_down: dict[str, float] = {}
         with bench_secagg.BenchFederation(nodes) as fed:
             for _ in range(args.repeat):
-                for label, secure, k in modes(nodes):
-                    result = fed.run(secure=secure, rounds=args.rounds, neighbours=k)
+                for label, secure, k, masking in modes(nodes):
+                    result = fed.run(secure=secure, rounds=args.rounds, neighbours=k, masking=masking)
                     times[label] += result["seconds"][1:]
                     bytes_up[label] = result["upload_bytes"][-1]
                     bytes_down[label] = result["download_bytes"][-1]
         plain_t = statistics.median(times["plain"])
-        for label, _, _ in modes(nodes):
+        for label, *_ in modes(nodes):
             t = statistics.median(times[label])
             rows.append(
                 f"| {nodes} | {label} | {t:.2f} | {t / plain_t:.2f}x "
@@ -72,15 +74,21 @@ def main() -> None:
     rows += ["", "| nodes | pair masks per node | node: expand masks, while training (s) "
              "| node: encode + mask, after training (s) | hub: unmask the sum (s) | hub: plain weighted sum (s) |",
              "|---|---|---|---|---|---|"]
+    dealer_rows: list[str] = []
     for nodes in counts:
         plain = statistics.median(bench_secagg.plain_sum(nodes) for _ in range(3))
-        for _, secure, k in modes(nodes)[1:]:
-            pieces = [bench_secagg.secure_pieces(nodes, neighbours=k) for _ in range(3)]
+        for _, secure, k, masking in modes(nodes)[1:]:
+            pieces = [bench_secagg.secure_pieces(nodes, neighbours=k, masking=masking) for _ in range(3)]
             median = {key: statistics.median(p[key] for p in pieces) for key in pieces[0]}
+            masks = "dealer: 0 (1 mask)" if masking == "dealer" else str(k or nodes - 1)
             rows.append(
-                f"| {nodes} | {k or nodes - 1} | {median['node_expand_s']:.3f} | {median['node_mask_s']:.3f} "
+                f"| {nodes} | {masks} | {median['node_expand_s']:.3f} | {median['node_mask_s']:.3f} "
                 f"| {median['hub_unmask_s']:.3f} | {plain:.3f} |"
             )
+            if masking == "dealer":
+                dealer_rows.append(f"| {nodes} | {median['dealer_expand_s']:.3f} | {median['dealer_answer_s']:.3f} |")
+    rows += ["", "| nodes | dealer: expand the mask sum, while the nodes train (s) | dealer: answer the unmask (s) |",
+             "|---|---|---|", *dealer_rows]
     print("\n".join(rows))
 
 

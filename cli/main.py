@@ -18,7 +18,7 @@ from mpc.errors import PrimiaError
 __all__ = ["main", "COMMANDS"]
 
 #: sub-command module names under ``cli``, in help order
-COMMANDS = ("demo", "node", "train", "infer", "party")
+COMMANDS = ("demo", "node", "dealer", "train", "infer", "party")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=main)
 
 
-def read_token(token_file: str | None) -> str:
+def read_token(token_file: str | None, *, env: str = TOKEN_ENV, what: str = "federation.nodes[].token for this node") -> str:
     if token_file:
         try:
             lines = Path(token_file).read_text(encoding="utf-8").splitlines()
@@ -56,11 +56,11 @@ def read_token(token_file: str | None) -> str:
             raise ConfigError(f"--token-file: cannot read {token_file}: {exc.strerror or exc}") from None
         token = lines[0].strip() if lines else ""
     else:
-        token = os.environ.get(TOKEN_ENV, "").strip()
+        token = os.environ.get(env, "").strip()
     if not token:
         raise ConfigError(
-            f"no secret: pass --token-file FILE or set ${TOKEN_ENV} (the same secret as the hub's "
-            "federation.nodes[].token for this node; make one with `openssl rand -hex 32`)"
+            f"no secret: pass --token-file FILE or set ${env} (the same secret as the hub's "
+            f"{what}; make one with `openssl rand -hex 32`)"
         )
     return token
 

@@ -7,7 +7,8 @@ Sans-I/O protocol logic, with thin asyncio adapters over :mod:`mpc.net`:
 - :mod:`fl.models`, :mod:`fl.augment`: models and augmentations by name; the flat weight layout.
 - :mod:`fl.optim`, :mod:`fl.training`: local training and evaluation on a node.
 - :mod:`fl.aggregation`: FedAvg weights, the weighted mean, the server step.
-- :mod:`fl.secagg`: pairwise-mask secure aggregation, node and hub stages.
+- :mod:`fl.secagg`: secure aggregation (pairwise masks, or one mask per node removed by a dealer): node, hub and dealer stages.
+- :mod:`fl.dealer`: ``primia dealer``, the crypto provider of dealer-masked aggregation.
 - :mod:`fl.messages`: message kinds and their checks.
 - :mod:`fl.node_protocol`, :mod:`fl.hub_protocol`: the two state machines (no sockets, no clocks).
 - :mod:`fl.node`, :mod:`fl.hub`, :mod:`fl.transport`: the servers and the round loop.

@@ -102,6 +102,13 @@ class FederationConfig:
     reply_timeout_s: float = _key("seconds a node may take for any other reply", default=300.0, lo=0.1)
     max_message_mib: int = _key("largest message accepted, in MiB (websockets max_size)", default=1024, lo=1, hi=65536)
     tls_ca: str = _key("CA certificate that signed the nodes' certificates, for wss:// addresses", default="")
+    dealer_address: str = _key(
+        "websocket address of the dealer (crypto provider) for aggregation.masking = 'dealer', e.g. ws://10.0.0.9:8790",
+        default="",
+    )
+    dealer_token: str = _key("shared secret for the dealer (or use dealer_token_file)", default="")
+    dealer_token_file: str = _key("file holding the dealer's shared secret (first line), instead of dealer_token",
+                                  default="")
 
 
 @dataclass(frozen=True)
@@ -155,9 +162,15 @@ class AggregationConfig:
     secure: bool = _key("secure aggregation: the hub learns only the sum of the updates", default=True)
     frac_bits: int = _key("fixed-point fractional bits of the masked updates", default=16, lo=4, hi=40)
     ring_bits: int = _key("ring of the masked updates: 32 (bytes of float32) or 64", default=32, choices=(32, 64))
+    masking: str = _key(
+        "'pairwise': nodes mask with pair masks that cancel in the sum (no third party); 'dealer': one mask per "
+        "node, removed from the sum by a dealer (crypto provider) that must not collude with the hub",
+        default="pairwise",
+        choices=("pairwise", "dealer"),
+    )
     neighbours: int = _key(
-        "pair masks per node: 0 = with every other node (Bonawitz et al.); k >= 2 = with k neighbours on a "
-        "Harary graph (SecAgg+), less work per node, any k - 1 dropouts survived",
+        "pair masks per node (pairwise masking): 0 = with every other node (Bonawitz et al.); k >= 2 = with k "
+        "neighbours on a Harary graph (SecAgg+), less work per node, any k - 1 dropouts survived",
         default=0,
         lo=0,
         hi=100_000,
@@ -407,29 +420,50 @@ def _resolve_tokens(fed: FederationConfig, base_dir: Path) -> FederationConfig:
         fed = replace(fed, tls_ca=str(ca if ca.is_absolute() else base_dir / ca))
     nodes = []
     for i, node in enumerate(fed.nodes):
-        where = f"federation.nodes[{i}]"
-        if node.token and node.token_file:
-            raise ConfigError(f"{where}: give token or token_file, not both")
-        token = node.token
-        if node.token_file:
-            path = Path(node.token_file)
-            path = path if path.is_absolute() else base_dir / path
-            try:
-                token = path.read_text(encoding="utf-8").splitlines()[0].strip() if path.stat().st_size else ""
-            except OSError as exc:
-                raise ConfigError(f"{where}.token_file: cannot read {path}: {exc.strerror or exc}") from exc
-        if not token:
-            raise ConfigError(f"{where}.token: missing; give the node's shared secret as token or token_file")
-        if len(token.encode("utf-8")) < MIN_SECRET_BYTES:
-            raise ConfigError(
-                f"{where}.token: the secret has {len(token.encode('utf-8'))} bytes; use at least {MIN_SECRET_BYTES} "
-                "(make one with `openssl rand -hex 32`)"
-            )
+        where = f"federation.nodes[{i}]."
+        token = _read_secret(where + "token", node.token, where + "token_file", node.token_file, base_dir,
+                             "the node's shared secret")
         nodes.append(replace(node, token=token, token_file=""))
-    return replace(fed, nodes=tuple(nodes))
+    fed = replace(fed, nodes=tuple(nodes))
+    if fed.dealer_address or fed.dealer_token or fed.dealer_token_file:
+        token = _read_secret("federation.dealer_token", fed.dealer_token, "federation.dealer_token_file",
+                             fed.dealer_token_file, base_dir, "the dealer's shared secret")
+        fed = replace(fed, dealer_token=token, dealer_token_file="")
+    return fed
+
+
+def _read_secret(key: str, token: str, file_key: str, token_file: str, base_dir: Path, what: str) -> str:
+    if token and token_file:
+        raise ConfigError(f"{key}: give {key.rsplit('.', 1)[-1]} or {file_key.rsplit('.', 1)[-1]}, not both")
+    if token_file:
+        path = Path(token_file)
+        path = path if path.is_absolute() else base_dir / path
+        try:
+            token = path.read_text(encoding="utf-8").splitlines()[0].strip() if path.stat().st_size else ""
+        except OSError as exc:
+            raise ConfigError(f"{file_key}: cannot read {path}: {exc.strerror or exc}") from exc
+    if not token:
+        raise ConfigError(f"{key}: missing; give {what} as {key.rsplit('.', 1)[-1]} or {file_key.rsplit('.', 1)[-1]}")
+    if len(token.encode("utf-8")) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"{key}: the secret has {len(token.encode('utf-8'))} bytes; use at least {MIN_SECRET_BYTES} "
+            "(make one with `openssl rand -hex 32`)"
+        )
+    return token
 
 
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def _check_address(key: str, address: str, who: str, tls_ca: str) -> None:
+    url = urlparse(address)
+    if url.scheme not in ("ws", "wss") or not url.hostname or url.port is None:
+        raise ConfigError(f"{key}: {address!r} must look like ws://HOST:PORT or wss://HOST:PORT")
+    if url.scheme == "wss" and not tls_ca:
+        raise ConfigError(
+            f"federation.tls_ca: missing; {who} is reached over wss://, so give the CA certificate that signed its "
+            "certificate"
+        )
 
 
 def _check_cross(cfg: Config, *, need_nodes: bool) -> None:
@@ -444,20 +478,24 @@ def _check_cross(cfg: Config, *, need_nodes: bool) -> None:
                 raise ConfigError(f"federation.nodes[{i}].name: {node.name!r} must be 1-64 letters, digits, '-', '_' or '.'")
             if node.name in names[:i]:
                 raise ConfigError(f"federation.nodes[{i}].name: {node.name!r} is used twice; node names must be unique")
-            url = urlparse(node.address)
-            if url.scheme not in ("ws", "wss") or not url.hostname or url.port is None:
-                raise ConfigError(
-                    f"federation.nodes[{i}].address: {node.address!r} must look like ws://HOST:PORT or wss://HOST:PORT"
-                )
-            if url.scheme == "wss" and not fed.tls_ca:
-                raise ConfigError(
-                    f"federation.tls_ca: missing; node {node.name} is reached over wss://, so give the CA "
-                    "certificate that signed its certificate"
-                )
+            _check_address(f"federation.nodes[{i}].address", node.address, f"node {node.name}", fed.tls_ca)
         if fed.min_nodes > len(fed.nodes):
             raise ConfigError(
                 f"federation.min_nodes: {fed.min_nodes} is more than the {len(fed.nodes)} configured nodes"
             )
+        dealer = cfg.aggregation.secure and cfg.aggregation.masking == "dealer"
+        if dealer and not fed.dealer_address:
+            raise ConfigError(
+                "federation.dealer_address: missing; aggregation.masking = 'dealer' needs a dealer (start one with "
+                "`primia dealer --port 8790 --token-file dealer.key`) or use masking = 'pairwise'"
+            )
+        if fed.dealer_address:
+            if not dealer:
+                raise ConfigError(
+                    "federation.dealer_address: only used with aggregation.secure = true and masking = 'dealer'; "
+                    "remove it or set aggregation.masking = 'dealer'"
+                )
+            _check_address("federation.dealer_address", fed.dealer_address, "the dealer", fed.tls_ca)
         if cfg.aggregation.secure and len(fed.nodes) < 2:
             raise ConfigError(
                 "aggregation.secure: needs at least two nodes (the sum of one update is that update); "
@@ -474,6 +512,10 @@ def _check_cross(cfg: Config, *, need_nodes: bool) -> None:
     if any(s <= 0 for s in data.std):
         raise ConfigError(f"data.std: every value must be positive, got {list(data.std)}")
     agg = cfg.aggregation
+    if agg.masking == "dealer" and agg.neighbours:
+        raise ConfigError(
+            "aggregation.neighbours: pair masks are not used with masking = 'dealer'; remove it or set masking = 'pairwise'"
+        )
     if agg.neighbours == 1:
         raise ConfigError(
             "aggregation.neighbours: 1 would pair the nodes off without connecting them (the hub would learn "

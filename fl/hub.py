@@ -41,7 +41,9 @@ from .aggregation import ServerOptimizer
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
 from .config import Config
 from .errors import ResumeError
+from .dealer import DEALER_ID
 from .hub_protocol import (
+    DEALER_LINK,
     Configured,
     Disconnect,
     Dropped,
@@ -196,6 +198,9 @@ class Hub:
             "train": result.figures,
             "seconds": {"train_and_aggregate": t_train, "total": time.perf_counter() - t0},
             "bytes": _traffic(bytes_before, bytes_trained),
+            **({"dealer_bytes": {"to_dealer": bytes_trained[DEALER_LINK][0] - bytes_before[DEALER_LINK][0],
+                                 "from_dealer": bytes_trained[DEALER_LINK][1] - bytes_before[DEALER_LINK][1]}}
+               if DEALER_LINK in bytes_before else {}),
             "eval_bytes": _traffic(bytes_trained, {n: (link.sent, link.received) for n, link in self.links.items()}),
         }
         if evaluated is not None:
@@ -245,7 +250,26 @@ class Hub:
                 ssl=tls if node.address.startswith("wss://") else None,
             )
 
-        results = await asyncio.gather(*(dial(i) for i in range(len(fed.nodes))), return_exceptions=True)
+        async def dial_dealer() -> Channel:
+            try:
+                return await connect(
+                    fed.dealer_address,
+                    membership=membership(HUB_ID, fed.dealer_token, what="federation.dealer_token"),
+                    peer_id=DEALER_ID,
+                    peer_label=f"the dealer at {fed.dealer_address}",
+                    limits=limits,
+                    options=options,
+                    ssl=tls if fed.dealer_address.startswith("wss://") else None,
+                )
+            except PrimiaError as exc:
+                raise PeerFailure(DEALER_ID, f"cannot use the dealer at {fed.dealer_address} "
+                                             f"(aggregation.masking = 'dealer'): {exc}") from None
+
+        dialing = [dial(i) for i in range(len(fed.nodes))]
+        dealer_dial = None
+        if self.protocol is not None and self.protocol.dealer is not None:
+            dealer_dial = asyncio.ensure_future(dial_dealer())
+        results = await asyncio.gather(*dialing, return_exceptions=True)
         unreachable: dict[str, str] = {}
         for node, result in zip(fed.nodes, results):
             if isinstance(result, BaseException):
@@ -255,14 +279,17 @@ class Hub:
                 log.error("node %s: %s", node.name, result)
             else:
                 self._attach(node.name, result)
-        if len(self.links) < cfg.min_nodes:
+        if dealer_dial is not None:
+            self._attach(DEALER_LINK, await dealer_dial)  # a failure here: _abort closes the nodes' links
+        nodes = sorted(n for n in self.links if n != DEALER_LINK)
+        if len(nodes) < cfg.min_nodes:
             raise PeerFailure(
                 ", ".join(sorted(unreachable)),
-                f"only {len(self.links)} of {len(fed.nodes)} nodes reachable, federation.min_nodes = {cfg.min_nodes}: "
+                f"only {len(nodes)} of {len(fed.nodes)} nodes reachable, federation.min_nodes = {cfg.min_nodes}: "
                 + "; ".join(f"{n}: {r}" for n, r in unreachable.items()),
             )
         assert self.protocol is not None
-        return await self._until(self.protocol.start(sorted(self.links), unreachable, _now()), NodesReady)
+        return await self._until(self.protocol.start(nodes, unreachable, _now()), NodesReady)
 
     def _data_shape(self, ready: NodesReady, state: dict[str, Any] | None) -> tuple[list[str], int]:
         classes = sorted({c for s in ready.summaries.values() for c in s["classes"]})
@@ -445,9 +472,10 @@ class Hub:
 
 
 def _traffic(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> dict[str, dict[str, int]]:
-    """Bytes on the wire to and from each node between two snapshots of the links' counters."""
+    """Bytes on the wire to and from each node between two snapshots of the links' counters
+    (the dealer's are reported apart, as the round's ``dealer_bytes``)."""
     return {n: {"to_node": after[n][0] - sent, "from_node": after[n][1] - received}
-            for n, (sent, received) in before.items()}
+            for n, (sent, received) in before.items() if n != DEALER_LINK}
 
 
 def _terminal_columns() -> int:

@@ -18,6 +18,10 @@ Phases::
     secure round:  KEYS    keys -> public_key
                    UPLOADS roster and train to every node in the roster -> masked_update
                    UNMASK  unmask -> reveal                              -> RoundCollected
+    dealer-masked: KEYS    keys -> public_key, and dealer_keys -> dealer_key from the dealer
+                   UPLOADS roster (with the dealer's key) and train to the nodes, dealer_roster to
+                           the dealer                                     -> masked_update
+                   UNMASK  unmask -> mask_sum, to and from the dealer only -> RoundCollected
     COLLECTED    (runner calls aggregate(), off the event loop)         -> IDLE
     EVALUATING   evaluate -> evaluation                                 -> Evaluated
     CLOSED
@@ -30,7 +34,9 @@ nodes remain (secure rounds recover through the survivors' pair seeds, see
 or :class:`fl.errors.TooFewNodes`.  A node that drops after the hub fixed
 the set of included updates (stage unmask) fails the round.  A misbehaving
 node never crashes the hub: its messages are checked (:func:`fl.messages.check`)
-and a violation only disconnects it.
+and a violation only disconnects it.  The dealer (``aggregation.masking =
+'dealer'``, link :data:`DEALER_LINK`) is needed by every secure round: losing it,
+a late or a bad reply from it fails the run (completed rounds stay checkpointed).
 """
 
 from __future__ import annotations
@@ -50,9 +56,10 @@ from .errors import NodeDropped, RoundFailed, TooFewNodes
 from .messages import DATA_SUMMARY, PROTOCOL_VERSION, TRAIN_FIGURES, Kind, Message, check, check_map
 from .metrics import SCORE_BINS, EvalSummary
 from .models import Layout
-from .secagg import RING_DTYPES, HubSecAgg
+from .secagg import DEALER, PUBLIC_KEY_BYTES, RING_DTYPES, HubSecAgg
 
 __all__ = [
+    "DEALER_LINK",
     "Phase",
     "SendTo",
     "Disconnect",
@@ -66,6 +73,9 @@ __all__ = [
     "HubProtocol",
 ]
 
+
+#: the runner's name for the dealer's link (not a valid node name, so it never clashes with one)
+DEALER_LINK = "@dealer"
 
 #: exceptions that odd values inside an otherwise valid message can raise while it is read
 _MALFORMED = (TypeError, ValueError, KeyError, IndexError, AttributeError)
@@ -166,6 +176,8 @@ class _Round:
     plain: WeightedSum | None = None
     secure: HubSecAgg | None = None
     dropped: list[str] = field(default_factory=list)
+    dealer_key: bytes | None = None
+    dealer_owes: bool = False  # the dealer owes a reply (its key, or the mask sum)
 
 
 class HubProtocol:
@@ -193,6 +205,9 @@ class HubProtocol:
         self._eval: dict[str, EvalSummary] = {}
         self._eval_round = 0
         self._session = os.urandom(8).hex()  # binds pair seeds to this hub session
+        agg = cfg.aggregation
+        self.dealer: str | None = DEALER_LINK if agg.secure and agg.masking == DEALER else None
+        self._dealer_lost: str | None = None  # why the dealer is gone, once it is
 
     @property
     def min_nodes(self) -> int:
@@ -227,6 +242,8 @@ class HubProtocol:
         assert self.layout is not None
         if len(self.active) < self.min_nodes:
             return self._fail(TooFewNodes(number, "start", sorted(self.active), self.min_nodes))
+        if self._dealer_lost is not None:
+            return self._fail(RoundFailed(number, Phase.KEYS.value, self._dealer_lost))
         agg = self.cfg.aggregation
         shares = round_weights({n: self.train_samples[n] for n in sorted(self.active)}, agg.weighting)
         flat = np.ascontiguousarray(weights, dtype=np.float32)
@@ -234,11 +251,18 @@ class HubProtocol:
         self._round = rnd
         if agg.secure:
             rnd.secure = HubSecAgg(number, shares, self.layout.size, agg.frac_bits, agg.ring_bits, self.min_nodes,
-                                   neighbours=agg.neighbours)
+                                   neighbours=agg.neighbours, masking=agg.masking)
             self.phase = Phase.KEYS
             self.deadline = now + self.cfg.federation.reply_timeout_s
             context = f"{self.run_id}|{self._session}|{number}".encode()
-            return [SendTo(n, Message(Kind.KEYS, {"round": number, "context": context})) for n in sorted(self.active)]
+            actions: list[Action] = []
+            if self.dealer is not None:
+                rnd.dealer_owes = True
+                header = {"protocol": PROTOCOL_VERSION, "round": number, "context": context,
+                          "size": self.layout.size, "ring_bits": agg.ring_bits}
+                actions.append(SendTo(self.dealer, Message(Kind.DEALER_KEYS, header)))
+            return actions + [SendTo(n, Message(Kind.KEYS, {"round": number, "context": context}))
+                              for n in sorted(self.active)]
         rnd.plain = WeightedSum()
         self.phase = Phase.TRAIN
         self.deadline = now + self.cfg.federation.train_timeout_s
@@ -259,10 +283,13 @@ class HubProtocol:
         return [SendTo(n, Message(Kind.EVALUATE, {"round": number}, {"weights": flat})) for n in sorted(self.active)]
 
     def finish(self, reason: str = "the run is complete") -> list[Action]:
-        """Say goodbye to every active node."""
+        """Say goodbye to every active node (and the dealer)."""
         self.phase = Phase.CLOSED
         self.deadline = None
-        return [SendTo(n, Message(Kind.BYE, {"reason": reason})) for n in sorted(self.active)]
+        return [SendTo(n, Message(Kind.BYE, {"reason": reason})) for n in self._peers()]
+
+    def _peers(self) -> list[str]:
+        return sorted(self.active) + ([self.dealer] if self.dealer is not None else [])
 
     def aggregate(self) -> RoundResult:
         """The mean update of the collected round (heavy for secure rounds: run it off the event loop)."""
@@ -287,6 +314,8 @@ class HubProtocol:
 
     def receive(self, node: str, msg: Message, now: float) -> list[Action]:
         """Handle one message from ``node``.  A bad message disconnects that node, nothing more."""
+        if node == self.dealer and self.phase is not Phase.CLOSED:
+            return self._from_dealer(msg, now)
         if node not in self.active or self.phase is Phase.CLOSED:
             return []  # late traffic from a dropped node, or after the end: ignored, never used
         if msg.kind == Kind.ERROR:
@@ -312,6 +341,8 @@ class HubProtocol:
 
     def node_lost(self, node: str, reason: str, now: float) -> list[Action]:
         """The connection to ``node`` closed (the runner noticed)."""
+        if node == self.dealer and self.phase is not Phase.CLOSED:
+            return self._dealer_failed(f"lost the connection: {reason}")
         if node not in self.active or self.phase is Phase.CLOSED:
             return []
         return self._drop(node, reason, now, disconnect=False)
@@ -321,6 +352,9 @@ class HubProtocol:
         if self.deadline is None or now < self.deadline:
             return []
         self.deadline = None
+        if self._round is not None and self._round.dealer_owes:
+            return self._dealer_failed(f"no reply within the {self.phase.value} timeout "
+                                       "(federation.reply_timeout_s, train_timeout_s)")
         late = sorted(self._owing())
         actions: list[Action] = []
         for node in late:
@@ -341,7 +375,7 @@ class HubProtocol:
 
     def _fail(self, error: PrimiaError) -> list[Action]:
         actions: list[Action] = [Failed(error)]
-        actions += [SendTo(n, Message(Kind.ERROR, {"reason": str(error)})) for n in sorted(self.active)]
+        actions += [SendTo(n, Message(Kind.ERROR, {"reason": str(error)})) for n in self._peers()]
         self.phase = Phase.CLOSED
         self.deadline = None
         return actions
@@ -360,6 +394,8 @@ class HubProtocol:
         rnd = self._round
         if rnd is None or self.phase is Phase.COLLECTED:
             return actions
+        if self.phase is Phase.UNMASK and self.dealer is not None:
+            return actions  # its update is in the sum already, and the dealer removes its mask
         rnd.dropped.append(node)
         try:
             if self.cfg.federation.on_dropout == "fail":
@@ -395,10 +431,12 @@ class HubProtocol:
             return [Configured({n: self.train_samples[n] for n in sorted(self.active)},
                                {n: self.val_samples[n] for n in sorted(self.active)})]
         if self.phase is Phase.EVALUATING and not self._pending:
+            if not self._eval:
+                raise RoundFailed(self._eval_round, self.phase.value, "no node returned an evaluation")
             self.phase, self.deadline = Phase.IDLE, None
             return [Evaluated(self._eval_round, dict(sorted(self._eval.items())))]
         rnd = self._round
-        if rnd is None or rnd.pending:
+        if rnd is None or rnd.pending or rnd.dealer_owes:
             return []
         if self.phase is Phase.TRAIN:
             return self._collected(rnd)
@@ -409,17 +447,24 @@ class HubProtocol:
             rnd.pending = set(roster)
             self.phase = Phase.UPLOADS
             self.deadline = now + self.cfg.federation.train_timeout_s
-            header = {"round": rnd.number, "keys": roster}
+            header: dict[str, Any] = {"round": rnd.number, "keys": roster}
             actions: list[Action] = []
+            if self.dealer is not None:
+                header["dealer"] = rnd.dealer_key
+                # the dealer expands the sum of the masks while the nodes train
+                actions.append(SendTo(self.dealer, Message(Kind.DEALER_ROSTER, {"round": rnd.number, "keys": roster})))
             for n in roster:
                 actions += [SendTo(n, Message(Kind.ROSTER, header)), self._train_message(rnd, n)]
             return actions
         if self.phase is Phase.UPLOADS:
             included, dropped = rnd.secure.close_uploads()
-            rnd.pending = set(included)
             self.phase = Phase.UNMASK
             self.deadline = now + self.cfg.federation.reply_timeout_s
             header = {"round": rnd.number, "included": included, "dropped": dropped}
+            if self.dealer is not None:
+                rnd.dealer_owes = True
+                return [SendTo(self.dealer, Message(Kind.UNMASK, header))]
+            rnd.pending = set(included)
             return [SendTo(n, Message(Kind.UNMASK, header)) for n in included]
         if self.phase is Phase.UNMASK:
             return self._collected(rnd)
@@ -528,6 +573,56 @@ class HubProtocol:
         rnd.secure.add_reveal(node, msg.header["self_seed"], msg.header["pair_seeds"])
         rnd.pending.discard(node)
         return self._advance(now)
+
+    # -- the dealer --------------------------------------------------------------------------
+
+    def _from_dealer(self, msg: Message, now: float) -> list[Action]:
+        """A message from the dealer: its key for the round, or the mask sum; anything else fails the run."""
+        dealer = self.dealer
+        assert dealer is not None
+        rnd = self._round
+        if msg.kind == Kind.ERROR:
+            reason = msg.header.get("reason")
+            return self._dealer_failed(f"reported an error: {reason if isinstance(reason, str) else 'unknown'}")
+        try:
+            if rnd is None or not rnd.dealer_owes or self.phase not in (Phase.KEYS, Phase.UNMASK):
+                raise ProtocolError(dealer, f"sent {msg.kind!r} it does not owe (hub phase {self.phase.value})")
+            assert rnd.secure is not None and self.layout is not None
+            if self.phase is Phase.KEYS:
+                check(msg, dealer, Kind.DEALER_KEY, {"round": int, "key": bytes})
+                self._dealer_round(msg, rnd)
+                if len(msg.header["key"]) != PUBLIC_KEY_BYTES:
+                    raise ProtocolError(dealer, f"public key must be {PUBLIC_KEY_BYTES} bytes")
+                rnd.dealer_key = msg.header["key"]
+            else:
+                dtype = RING_DTYPES[self.cfg.aggregation.ring_bits]
+                check(msg, dealer, Kind.MASK_SUM, {"round": int}, {"sum": (dtype, (self.layout.size,))})
+                self._dealer_round(msg, rnd)
+                rnd.secure.add_mask_sum(dealer, msg.arrays["sum"])
+        except ProtocolError as exc:
+            return self._dealer_failed(f"broke the protocol: {exc.reason}")
+        except _MALFORMED as exc:
+            return self._dealer_failed(f"broke the protocol: malformed {msg.kind!r} ({type(exc).__name__}: {exc})")
+        rnd.dealer_owes = False
+        return self._advance(now)
+
+    def _dealer_round(self, msg: Message, rnd: _Round) -> None:
+        if msg.header["round"] != rnd.number:
+            raise ProtocolError(self.dealer, f"{msg.kind} for round {msg.header['round']} during round {rnd.number}")
+
+    def _dealer_failed(self, reason: str) -> list[Action]:
+        """Without the dealer no secure round can finish: fail the round in progress, or the next one
+        (an evaluation under way still completes, and with it the checkpoint of its round)."""
+        actions: list[Action] = [Disconnect(DEALER_LINK, reason)]
+        self.dealer = None  # no more messages to it
+        self._dealer_lost = (
+            f"the dealer {reason}; aggregation.masking = 'dealer' cannot go on without it (restart `primia dealer` "
+            "and the hub with --resume; finished rounds are checkpointed)"
+        )
+        if self.phase in (Phase.KEYS, Phase.UPLOADS, Phase.UNMASK):
+            assert self._round is not None
+            return actions + self._fail(RoundFailed(self._round.number, self.phase.value, self._dealer_lost))
+        return actions
 
     def _on_evaluation(self, node: str, msg: Message, now: float) -> list[Action]:
         c = len(self.classes)

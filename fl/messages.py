@@ -6,7 +6,9 @@ named numpy arrays (sent as raw bytes).  Nothing is ever unpickled.
 Hub -> node: ``hello``, ``configure``, ``keys``, ``roster``, ``train``,
 ``unmask``, ``evaluate``, ``bye``.  Node -> hub: ``hello_ack``, ``configured``,
 ``public_key``, ``update`` (plain), ``masked_update`` (secure), ``reveal``,
-``evaluation``.  Either way: ``error``.
+``evaluation``.  Hub -> dealer (``aggregation.masking = 'dealer'``):
+``dealer_keys``, ``dealer_roster``, ``unmask``, ``bye``; dealer -> hub:
+``dealer_key``, ``mask_sum``.  Either way: ``error``.
 
 :func:`check` validates a message against the schema for its kind: every
 header field present with the right type, no unknown fields, every array
@@ -25,7 +27,9 @@ from mpc.errors import ProtocolError
 
 __all__ = ["PROTOCOL_VERSION", "Kind", "Message", "check", "check_map", "Any_", "TRAIN_FIGURES", "DATA_SUMMARY"]
 
-PROTOCOL_VERSION = 2  # 2: aggregation.neighbours (sparse mask graphs); reveals name dropped partners only
+# 2: aggregation.neighbours (sparse mask graphs); reveals name dropped partners only
+# 3: aggregation.masking = 'dealer' (rosters may carry the dealer's key; the dealer's messages)
+PROTOCOL_VERSION = 3
 
 
 class Kind:
@@ -43,6 +47,10 @@ class Kind:
     MASKED_UPDATE = "masked_update"
     UNMASK = "unmask"
     REVEAL = "reveal"
+    DEALER_KEYS = "dealer_keys"
+    DEALER_KEY = "dealer_key"
+    DEALER_ROSTER = "dealer_roster"
+    MASK_SUM = "mask_sum"
     EVALUATE = "evaluate"
     EVALUATION = "evaluation"
     BYE = "bye"

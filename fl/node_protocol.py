@@ -23,7 +23,7 @@ States and messages::
     READY      --keys-->       public_key                                    KEYED
     KEYED      --roster-->     [mask lane: expand the masks]                 ROSTERED
     ROSTERED   --train-->      [work: train, then mask lane: mask]           TRAINING
-               [masked]        masked_update
+               [masked]        masked_update                                 (dealer masking: READY)
     TRAINING   --unmask-->     reveal                                        READY
     READY      --evaluate-->   [work: evaluate] evaluation                   READY
     any        --bye-->        close
@@ -51,7 +51,7 @@ from .config import Config, parse_node_spec
 from .data import FolderScan, load_images, split_indices
 from .messages import PROTOCOL_VERSION, Kind, Message, check
 from .models import build_model
-from .secagg import NodeSecAgg
+from .secagg import DEALER, NodeSecAgg
 from .training import LocalTrainer, TrainResult
 
 __all__ = ["NodeState", "Send", "Work", "Close", "NodeRuntime", "NodeSession", "TRAIN_LANE", "MASK_LANE"]
@@ -301,20 +301,24 @@ class NodeSession:
             raise ProtocolError(self.peer, "asked for keys, but this run's aggregation is not secure")
         agg = self.cfg.aggregation
         self._round = msg.header["round"]
-        self._secagg = NodeSecAgg(self.node, msg.header["context"], agg.frac_bits, agg.ring_bits, agg.neighbours)
+        self._secagg = NodeSecAgg(self.node, msg.header["context"], agg.frac_bits, agg.ring_bits, agg.neighbours,
+                                  masking=agg.masking)
         self.state = NodeState.KEYED
         return [Send(Message(Kind.PUBLIC_KEY, {"round": self._round, "key": self._secagg.public_key()}))]
 
     def _on_roster(self, msg: Message) -> list[Action]:
         """Secure round, stage 2: the round's public keys; the masks are expanded while the weights arrive."""
         assert self.trainer is not None and self._secagg is not None
-        check(msg, self.peer, Kind.ROSTER, {"round": int, "keys": dict})
+        secagg, size = self._secagg, self.trainer.layout.size
+        schema: dict[str, Any] = {"round": int, "keys": dict}
+        if secagg.masking == DEALER:
+            schema["dealer"] = bytes
+        check(msg, self.peer, Kind.ROSTER, schema)
         self._check_round(msg)
         keys = msg.header["keys"]
         if not all(isinstance(k, str) for k in keys):
             raise ProtocolError(self.peer, "roster: node names must be strings")
-        secagg, size = self._secagg, self.trainer.layout.size
-        secagg.set_roster(keys)
+        secagg.set_roster(keys, msg.header.get("dealer"))
         self.state = NodeState.ROSTERED
         return [self._work(lambda: secagg.expand_masks(size), lambda _: [], lane=MASK_LANE)]
 
@@ -350,6 +354,9 @@ class NodeSession:
             return [Send(Message(Kind.UPDATE, header, {"update": delta}))]
 
         def masked_then(masked: np.ndarray) -> list[Action]:
+            if secagg.masking == DEALER:  # nothing to reveal: the dealer removes the mask
+                self.state = NodeState.READY
+                self._reset_round()
             return [Send(Message(Kind.MASKED_UPDATE, header, {"masked": masked}))]
 
         # on the mask lane, after expand_masks: the masks are ready when this runs

@@ -59,6 +59,15 @@ Why each piece (the hub's view of y_i alone is uniform: y_i is masked by PRG(b_i
 - a node reveals at most once per round, and never both b_i and pair seeds
   with a node in U, so the hub never holds all masks of any single update.
 
+Dealer masking (``aggregation.masking = 'dealer'``, PriMIA's crypto provider): node i
+derives s_i = HKDF-SHA256(X25519(sk_i, pk_D), context, i) with the round's dealer key
+pk_D (which the roster carries) and uploads y_i = encode_f(w_i u_i) + PRG(s_i); nodes
+reveal nothing.  The dealer (:class:`DealerSecAgg`, which derives the same s_i from the
+roster) sends the hub Σ_{i in U} PRG(s_i) once, and the hub decodes Σ_U y_i minus it.
+The update is additively shared between hub (y_i) and dealer (s_i); the dealer never
+sees y_i.  One stream per node instead of one per partner; needs a dealer that does not
+collude with the hub.
+
 Fixed point: u_i is encoded with ``mpc.ring.encode`` at f fractional bits and
 reduced mod 2^k.  Each node checks max|u_i| < 2^(k-2-f) so that the weighted sum
 cannot wrap; the error of the mean is at most |U| · 2^-(f+1) / Σ_{i in U} w_i per entry.
@@ -69,7 +78,7 @@ from __future__ import annotations
 import enum
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
@@ -95,9 +104,18 @@ __all__ = [
     "update_limit",
     "NodeSecAgg",
     "HubSecAgg",
+    "DealerSecAgg",
+    "PAIRWISE",
+    "DEALER",
+    "MASKINGS",
 ]
 
 PUBLIC_KEY_BYTES = 32
+#: ``aggregation.masking``: pair masks between the nodes (Bonawitz et al.), or one mask per node
+#: that a dealer (crypto provider) removes from the sum (PriMIA's design)
+PAIRWISE = "pairwise"
+DEALER = "dealer"
+MASKINGS = (PAIRWISE, DEALER)
 RING_DTYPES: dict[int, np.dtype] = {32: np.dtype(np.uint32), 64: np.dtype(np.uint64)}
 _SIGNED = {32: np.int32, 64: np.int64}
 # Stream ids under a seed: masks use stream 0 (each seed is fresh per round and per use).
@@ -110,6 +128,7 @@ _CHUNK = 1 << 16
 # for 32-bit rings, stay in L2/L3): 128 Ki measured ~10 % less CPU than 64 Ki or 1 Mi here.
 _MASK_CHUNK = 1 << 17
 _HKDF_INFO = b"primia/secagg/pair-seed/v1"
+_DEALER_INFO = b"primia/secagg/dealer-seed/v1"
 _AES_BLOCK = 16
 _ZEROS = bytes(_MASK_CHUNK * 8)  # the plaintext of a piece of keystream (64-bit ring)
 
@@ -350,6 +369,24 @@ def _pair_seed(secret: X25519PrivateKey, peer_public: bytes, context: bytes, a: 
     return HKDF(algorithm=hashes.SHA256(), length=SEED_BYTES, salt=None, info=info).derive(shared)
 
 
+def _dealer_seed(secret: X25519PrivateKey, peer_public: bytes, context: bytes, node: str) -> bytes:
+    """s_i, the seed node i shares with the dealer: both ends derive it, the hub never sees it."""
+    shared = secret.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    info = b"|".join([_DEALER_INFO, context, node.encode()])
+    return HKDF(algorithm=hashes.SHA256(), length=SEED_BYTES, salt=None, info=info).derive(shared)
+
+
+def _public_bytes(secret: X25519PrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return secret.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _check_key(owner: str, key: Any, peer: str = "hub") -> None:
+    if not isinstance(key, bytes) or len(key) != PUBLIC_KEY_BYTES:
+        raise ProtocolError(peer, f"the public key of {owner!r} is not {PUBLIC_KEY_BYTES} bytes")
+
+
 def _sign(me: str, other: str) -> int:
     """+1 if ``me`` adds the pair mask with ``other``, -1 if it subtracts it."""
     return 1 if me < other else -1
@@ -372,7 +409,9 @@ class NodeSecAgg:
     Call order: :meth:`public_key` (stage keys), :meth:`set_roster`, optionally
     :meth:`expand_masks` ahead of time, :meth:`mask`, and :meth:`reveal` (once,
     when the hub asks to unmask).  ``neighbours`` is ``aggregation.neighbours``
-    (see :func:`mask_graph`; 0: pair with every other node).
+    (see :func:`mask_graph`; 0: pair with every other node).  With ``masking`` =
+    :data:`DEALER` the node's only mask is PRG(s_i), s_i shared with the dealer
+    (:meth:`set_roster` takes the dealer's key), and it never reveals anything.
     """
 
     node: str
@@ -380,6 +419,7 @@ class NodeSecAgg:
     frac_bits: int
     ring_bits: int
     neighbours: int = 0
+    masking: str = PAIRWISE
     _secret: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate, repr=False)
     _self_seed: bytes = field(default_factory=new_seed, repr=False)
     roster: dict[str, bytes] | None = None
@@ -387,10 +427,14 @@ class NodeSecAgg:
     stage: Stage = Stage.KEYS
     _mask_sum: np.ndarray | None = field(default=None, repr=False)
 
-    def public_key(self) -> bytes:
-        from cryptography.hazmat.primitives import serialization
+    _dealer_key: bytes | None = field(default=None, repr=False)
 
-        return self._secret.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    def __post_init__(self) -> None:
+        if self.masking not in MASKINGS:
+            raise ValueError(f"masking must be one of {MASKINGS}, got {self.masking!r}")
+
+    def public_key(self) -> bytes:
+        return _public_bytes(self._secret)
 
     def _expect(self, *stages: Stage) -> None:
         if self.stage not in stages:
@@ -402,17 +446,35 @@ class NodeSecAgg:
         assert self.graph is not None
         return self.graph[self.node]
 
-    def set_roster(self, roster: Mapping[str, bytes]) -> None:
-        """Stage 2: the public keys of every node in the round (this node's included)."""
+    def set_roster(self, roster: Mapping[str, bytes], dealer_key: bytes | None = None) -> None:
+        """Stage 2: the public keys of every node in the round (this node's included), and with
+        dealer masking the dealer's public key for this round."""
         self._expect(Stage.KEYS)
         if roster.get(self.node) != self.public_key():
             raise ProtocolError("hub", "the roster does not hold this node's public key")
         for name, key in roster.items():
-            if not isinstance(key, bytes) or len(key) != PUBLIC_KEY_BYTES:
-                raise ProtocolError("hub", f"roster key of {name!r} is not {PUBLIC_KEY_BYTES} bytes")
+            _check_key(name, key)
+        if self.masking == DEALER:
+            if dealer_key is None:
+                raise ProtocolError("hub", "the roster lacks the dealer's public key (aggregation.masking = 'dealer')")
+            _check_key("dealer", dealer_key)
+            self._dealer_key = dealer_key
+            self.graph = {name: frozenset() for name in roster}
+        else:
+            if dealer_key is not None:
+                raise ProtocolError("hub", "sent a dealer key, but this run masks pairwise")
+            self.graph = mask_graph(list(roster), self.neighbours)
         self.roster = dict(roster)
-        self.graph = mask_graph(list(self.roster), self.neighbours)
         self.stage = Stage.MASKED
+
+    def _masks(self) -> list[tuple[bytes, int]]:
+        if self.masking == DEALER:
+            assert self._dealer_key is not None
+            try:
+                return [(_dealer_seed(self._secret, self._dealer_key, self.context, self.node), 1)]
+            except ValueError as exc:  # cryptography refuses low-order points
+                raise ProtocolError("hub", f"the dealer's public key is invalid: {exc}") from exc
+        return [(self._self_seed, 1)] + [(self._seed_with(j), _sign(self.node, j)) for j in sorted(self.peers)]
 
     def _seed_with(self, other: str) -> bytes:
         assert self.roster is not None
@@ -425,7 +487,7 @@ class NodeSecAgg:
         """PRG(b_i) ± PRG(s_ij) for every partner j, summed: the slow part of stage 3, which does not
         depend on the update, so a node can run it while it trains."""
         self._expect(Stage.MASKED)
-        masks = [(self._self_seed, 1)] + [(self._seed_with(j), _sign(self.node, j)) for j in sorted(self.peers)]
+        masks = self._masks()
         total = np.empty(size, dtype=RING_DTYPES[self.ring_bits])
         _apply_masks(total, masks, self.ring_bits, overwrite=True)  # the self mask is written, the rest added
         self._mask_sum = total
@@ -452,6 +514,9 @@ class NodeSecAgg:
         """
         self._expect(Stage.MASKED)
         assert self.roster is not None and self.graph is not None
+        if self.masking == DEALER:
+            raise ProtocolError("hub", "asked for seeds, but with aggregation.masking = 'dealer' the dealer removes "
+                                       "the masks and nodes reveal nothing")
         inc, drop = set(included), set(dropped)
         if len(inc) != len(included) or len(drop) != len(dropped) or inc & drop or inc | drop != set(self.roster):
             raise ProtocolError("hub", "the included and dropped nodes do not partition the round's roster")
@@ -481,6 +546,8 @@ class HubSecAgg:
         min_nodes: fewest updates the round may sum (at least 2).
         neighbours: ``aggregation.neighbours`` (see :func:`mask_graph`).
         threads: threads that remove the masks in :meth:`result`.
+        masking: :data:`PAIRWISE` (the survivors reveal seeds) or :data:`DEALER` (the dealer
+            sends Σ_U PRG(s_i), :meth:`add_mask_sum`).
     """
 
     round: int
@@ -491,6 +558,7 @@ class HubSecAgg:
     min_nodes: int
     neighbours: int = 0
     threads: int = 2
+    masking: str = PAIRWISE
     public_keys: dict[str, bytes] = field(default_factory=dict)
     roster: dict[str, bytes] | None = None
     graph: dict[str, frozenset[str]] | None = field(default=None, repr=False)
@@ -500,6 +568,11 @@ class HubSecAgg:
     dropped: list[str] = field(default_factory=list)
     revealed: dict[str, tuple[bytes, dict[str, bytes]]] = field(default_factory=dict)
     _total: np.ndarray | None = field(default=None, repr=False)
+    _mask_sum: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.masking not in MASKINGS:
+            raise ValueError(f"masking must be one of {MASKINGS}, got {self.masking!r}")
 
     def _expect(self, node: str, stage: Stage) -> None:
         if self.stage is not stage:
@@ -527,7 +600,10 @@ class HubSecAgg:
         self._expect("hub", Stage.KEYS)
         self._need(Stage.KEYS.value, list(self.public_keys))
         self.roster = dict(sorted(self.public_keys.items()))
-        self.graph = mask_graph(list(self.roster), self.neighbours)
+        if self.masking == DEALER:
+            self.graph = {name: frozenset() for name in self.roster}
+        else:
+            self.graph = mask_graph(list(self.roster), self.neighbours)
         self.stage = Stage.MASKED
         return self.roster
 
@@ -564,7 +640,7 @@ class HubSecAgg:
         assert self.roster is not None and self.graph is not None
         included = sorted(self.uploaded)
         self._need(Stage.MASKED.value, included)
-        parts = components(self.graph, included)
+        parts = components(self.graph, included) if self.masking == PAIRWISE else [included]
         if len(parts) > 1:
             raise RoundFailed(
                 self.round, Stage.MASKED.value,
@@ -597,11 +673,32 @@ class HubSecAgg:
                 raise ProtocolError(node, f"pair seed for {d!r} must be {SEED_BYTES} bytes")
         self.revealed[node] = (self_seed, dict(pair_seeds))
 
+    def add_mask_sum(self, peer: str, mask_sum: np.ndarray) -> None:
+        """Dealer masking: Σ_{i in U} PRG(s_i) from the dealer, once."""
+        self._expect(peer, Stage.UNMASK)
+        if self.masking != DEALER:
+            raise ProtocolError(peer, "sent a mask sum, but this round masks pairwise")
+        if self._mask_sum is not None:
+            raise ProtocolError(peer, "sent the mask sum twice")
+        dtype = RING_DTYPES[self.ring_bits]
+        if not isinstance(mask_sum, np.ndarray) or mask_sum.dtype != dtype or mask_sum.shape != (self.size,):
+            got = f"{getattr(mask_sum, 'dtype', type(mask_sum).__name__)} {getattr(mask_sum, 'shape', '')}"
+            raise ProtocolError(peer, f"mask sum must be {dtype} of shape ({self.size},), got {got}")
+        self._mask_sum = mask_sum
+
     def reveals_complete(self) -> bool:
-        return self.stage is Stage.UNMASK and set(self.revealed) == set(self.included)
+        """Everything needed to remove the masks has arrived (the reveals, or the dealer's sum)."""
+        if self.stage is not Stage.UNMASK:
+            return False
+        if self.masking == DEALER:
+            return self._mask_sum is not None
+        return set(self.revealed) == set(self.included)
 
     def node_lost(self, node: str, reason: str) -> None:
-        """A node disconnected; only fatal once the included set is fixed."""
+        """A node disconnected; with pairwise masks fatal once the included set is fixed (with a
+        dealer never: the dealer removes every included node's mask)."""
+        if self.masking == DEALER:
+            return
         if self.stage is Stage.UNMASK and node in self.included and node not in self.revealed:
             raise RoundFailed(
                 self.round,
@@ -617,7 +714,10 @@ class HubSecAgg:
         assert self._total is not None
         total = self._total
         masks: list[tuple[bytes, int]] = []
-        for node in self.included:
+        if self._mask_sum is not None:
+            total -= self._mask_sum
+            self._mask_sum = None
+        for node in self.included if self.masking == PAIRWISE else ():
             self_seed, pair_seeds = self.revealed[node]
             masks.append((self_seed, -1))
             masks += [(seed, -_sign(node, d)) for d, seed in sorted(pair_seeds.items())]
@@ -629,3 +729,102 @@ class HubSecAgg:
         self._total = None
         self.stage = Stage.DONE
         return mean, list(self.included)
+
+
+# -- dealer side -----------------------------------------------------------------------
+
+
+@dataclass
+class DealerSecAgg:
+    """The dealer's state for one round of dealer-masked aggregation (``aggregation.masking = 'dealer'``).
+
+    The dealer (crypto provider) never sees an update, masked or not: it derives
+    s_i = HKDF(X25519(sk_D, pk_i), context, i) for every node i in the roster,
+    expands Σ_{i in R} PRG(s_i) ahead (:meth:`expand`), and sends the hub
+    Σ_{i in U} PRG(s_i) once, for the U the hub names (:meth:`mask_sum`).
+    Call order: :meth:`public_key`, :meth:`set_roster`, optionally :meth:`expand`,
+    :meth:`mask_sum`.
+
+    Args:
+        round: round number (for errors).
+        context: the round's context from the hub, bound into every seed.
+        size: update length m.
+        ring_bits: 32 or 64.
+        threads: threads that expand the masks.
+    """
+
+    round: int
+    context: bytes
+    size: int
+    ring_bits: int
+    threads: int = 2
+    roster: dict[str, bytes] | None = None
+    stage: Stage = Stage.KEYS
+    _secret: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate, repr=False)
+    _seeds: dict[str, bytes] = field(default_factory=dict, repr=False)
+    _sum: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.ring_bits not in RING_DTYPES:
+            raise ProtocolError("hub", f"ring_bits must be 32 or 64, got {self.ring_bits}")
+        if not 2 <= self.size <= 1 << 34:
+            raise ProtocolError("hub", f"update size {self.size} is out of range")
+
+    def public_key(self) -> bytes:
+        return _public_bytes(self._secret)
+
+    def _expect(self, stage: Stage) -> None:
+        if self.stage is not stage:
+            raise ProtocolError("hub", f"the dealer's round is at stage {self.stage.value}, not {stage.value}")
+
+    def set_roster(self, roster: Mapping[str, bytes]) -> None:
+        """The public keys of the round's nodes (R)."""
+        self._expect(Stage.KEYS)
+        if len(roster) < 2:
+            raise ProtocolError("hub", f"a roster of {len(roster)} node(s): a sum needs at least two")
+        seeds = {}
+        for name, key in sorted(roster.items()):
+            if not isinstance(name, str) or not name:
+                raise ProtocolError("hub", "roster: node names must be non-empty strings")
+            _check_key(name, key)
+            try:
+                seeds[name] = _dealer_seed(self._secret, key, self.context, name)
+            except ValueError as exc:  # cryptography refuses low-order points
+                raise ProtocolError("hub", f"the public key of {name!r} is invalid: {exc}") from exc
+        self.roster, self._seeds = dict(roster), seeds
+        self.stage = Stage.MASKED
+
+    def expand(self) -> None:
+        """Σ_{i in R} PRG(s_i): the slow part, done while the nodes train."""
+        self._expect(Stage.MASKED)
+        self._expand()
+
+    def _expand(self) -> None:
+        if self._sum is None:
+            total = np.empty(self.size, dtype=RING_DTYPES[self.ring_bits])
+            masks = [(seed, 1) for _, seed in sorted(self._seeds.items())]
+            _apply_masks(total, masks, self.ring_bits, overwrite=True, threads=self.threads)
+            self._sum = total
+
+    def mask_sum(self, included: list[str], dropped: list[str]) -> np.ndarray:
+        """Σ_{i in U} PRG(s_i) for U = ``included``, once per round.
+
+        Raises:
+            ProtocolError: the sets do not partition the roster, fewer than two nodes are
+                included (the hub would learn one update), or the dealer already answered.
+        """
+        self._expect(Stage.MASKED)
+        assert self.roster is not None
+        inc, drop = set(included), set(dropped)
+        if len(inc) != len(included) or len(drop) != len(dropped) or inc & drop or inc | drop != set(self.roster):
+            raise ProtocolError("hub", "the included and dropped nodes do not partition the round's roster")
+        if len(inc) < 2:
+            raise ProtocolError("hub", "refusing to unmask: the sum would be one node's update alone")
+        self.stage = Stage.DONE  # never twice: two sums over different sets would expose an update
+        self._expand()
+        total, self._sum = self._sum, None
+        assert total is not None
+        if drop:
+            _apply_masks(total, [(self._seeds[d], -1) for d in sorted(drop)], self.ring_bits, threads=self.threads)
+        self._seeds = {}
+        return total

@@ -16,7 +16,9 @@ from typing import Any, Callable
 from fl.config import Config, parse_config
 from fl.data import scan_folder
 from fl.demo import write_digits
-from fl.hub_protocol import Disconnect, Dropped, Failed, HubProtocol, SendTo
+from fl.dealer import Close as DealerClose
+from fl.dealer import DealerSession, Reply
+from fl.hub_protocol import DEALER_LINK, Disconnect, Dropped, Failed, HubProtocol, SendTo
 from fl.messages import Message
 from fl.node_protocol import Close, NodeRuntime, NodeSession, Send, Work
 from mpc.net.wire import decode_message, encode_message
@@ -70,11 +72,16 @@ class InMemoryFederation:
 
     ``intercept(node, message)`` may return "drop" (the message vanishes), "lose" (the node's connection
     breaks instead of delivering) or None (deliver).  Work runs synchronously when it is handed out.
+    With ``aggregation.masking = 'dealer'`` a :class:`fl.dealer.DealerSession` plays the dealer
+    (link :data:`fl.hub_protocol.DEALER_LINK`; ``intercept`` sees its messages too, and
+    ``dealer_reply(message)`` may replace or suppress, with None, each dealer reply).
     """
 
     def __init__(self, cfg: Config, runtimes: dict[str, NodeRuntime], *, run_id: str = "run-test"):
         self.hub = HubProtocol(cfg, run_id)
         self.sessions = {n: NodeSession(rt, peer="hub") for n, rt in runtimes.items()}
+        self.dealer = DealerSession() if self.hub.dealer is not None else None
+        self.dealer_reply: Callable[[Message], Message | None] = lambda msg: msg
         self.events: list[Any] = []
         self.intercept: Callable[[str, Message], str | None] = lambda node, msg: None
         self.lost: set[str] = set()
@@ -97,6 +104,10 @@ class InMemoryFederation:
                         self.lost.add(action.node)
                         queue.extend(("hub", a) for a in self.hub.node_lost(action.node, "connection reset", self.now))
                         continue
+                    if action.node == DEALER_LINK:
+                        assert self.dealer is not None
+                        queue.extend(("dealer", r) for r in self.dealer.receive(wire(action.message, "hub")))
+                        continue
                     replies = self.sessions[action.node].receive(wire(action.message, "hub"))
                     queue.extend((action.node, r) for r in replies)
                 elif isinstance(action, Disconnect):
@@ -105,6 +116,17 @@ class InMemoryFederation:
                     events.append(action)
                 else:
                     events.append(action)
+            elif origin == "dealer":
+                if DEALER_LINK in self.lost:
+                    continue
+                if isinstance(action, DealerClose):
+                    continue
+                messages = [action.message] if isinstance(action, Reply) else action.then(action.call())
+                for message in messages:
+                    message = self.dealer_reply(message)
+                    if message is not None:
+                        queue.extend(("hub", a) for a in self.hub.receive(DEALER_LINK, wire(message, "dealer"),
+                                                                          self.now))
             else:
                 node = origin
                 if node in self.lost:
@@ -203,6 +225,44 @@ class NodeProcesses:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+class DealerProcess:
+    """A ``primia dealer`` process on 127.0.0.1 (a free port), for ``aggregation.masking = 'dealer'``."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.token = secrets.token_hex(24)
+        key = workdir / "dealer.key"
+        key.write_text(self.token + "\n")
+        port_file = workdir / "dealer.port"
+        port_file.unlink(missing_ok=True)
+        self.log = workdir / "dealer.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "dealer", "--port", "0", "--port-file", str(port_file),
+             "--token-file", str(key)],
+            stdout=self.log.open("a"), stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+        deadline = time.monotonic() + 120
+        while not port_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the dealer did not start: {self.log.read_text()[-2000:]}")
+            time.sleep(0.05)
+        self.port = json.loads(port_file.read_text())["port"]
+
+    def federation(self) -> dict[str, Any]:
+        """The ``[federation]`` keys that point a hub at this dealer."""
+        return {"dealer_address": f"ws://127.0.0.1:{self.port}", "dealer_token": self.token}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def to_toml(raw: dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ from fl.config import parse_config
 from fl.hub import run_hub
 from mpc.errors import ConfigError, PeerFailure
 
-from .fl_helpers import ROOT, NodeProcesses, assert_close_models, digits_folders, to_toml
+from .fl_helpers import ROOT, DealerProcess, NodeProcesses, assert_close_models, digits_folders, to_toml
 from .test_net import tls_material  # noqa: F401 - a fixture: a CA and a certificate for 127.0.0.1
 
 NAMES = ("alpha", "beta", "gamma")
@@ -77,6 +77,47 @@ def test_two_node_secure_and_plain_aggregation_agree(live, tmp_path):
     assert worst > 0  # the secure path really went through fixed point
     update = max(float((model_state(plain)[k] - v).abs().max()) for k, v in _initial(live, tmp_path).items())
     assert update > 1e-2  # and the nodes really trained
+
+
+@pytest.fixture(scope="module")
+def dealer(tmp_path_factory):
+    proc = DealerProcess(tmp_path_factory.mktemp("dealer"))
+    yield proc
+    proc.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_dealer_masked_federation_trains_the_same_model_as_pairwise_masking(live, dealer, tmp_path):
+    """Three node processes, a ``primia dealer`` process and the hub: the dealer removes the masks."""
+    names = list(NAMES)
+    secure = run_hub(parse_config(live.config(names, tmp_path / "dealer", run={"rounds": 2},
+                                              federation={"min_nodes": 2, **dealer.federation()},
+                                              aggregation={"masking": "dealer"}, **FAST)), progress=False)
+    pairwise = run_hub(parse_config(live.config(names, tmp_path / "pairwise", run={"rounds": 2},
+                                                federation={"min_nodes": 2}, **FAST)), progress=False)
+    # both sum the same fixed-point encodings exactly (mod 2^32): the same model, whoever removes the masks
+    assert_close_models(model_state(secure), model_state(pairwise), atol=1e-6)
+    assert all(r["included"] == names for r in secure["rounds"])
+    size = sum(torch.numel(t) for t in model_state(secure).values() if t.is_floating_point())
+    last = secure["rounds"][-1]
+    for per_node in last["bytes"].values():  # one masked update up, as in plain FedAvg
+        assert 4 * size < per_node["from_node"] < 4 * size + 4096
+    # the dealer gets keys and names, and sends one mask sum per round
+    assert 4 * size < last["dealer_bytes"]["from_dealer"] < 4 * size + 4096
+    assert last["dealer_bytes"]["to_dealer"] < 4096
+    assert "dealer_token" not in json.dumps(json.loads((tmp_path / "dealer" / "report.json").read_text())["config"])
+
+
+@pytest.mark.timeout(300)
+def test_an_unreachable_dealer_or_a_wrong_dealer_secret_is_named(live, dealer, tmp_path):
+    wrong = {**dealer.federation(), "dealer_token": "not-the-dealer-secret-at-all", "connect_timeout_s": 5}
+    raw = live.config(["alpha", "beta"], tmp_path / "run", federation=wrong, aggregation={"masking": "dealer"})
+    with pytest.raises(PeerFailure, match="dealer at ws://127.0.0.1.*prove membership"):
+        run_hub(parse_config(raw), progress=False)
+    gone = {"dealer_address": "ws://127.0.0.1:9", "dealer_token": dealer.token, "connect_timeout_s": 1}
+    raw = live.config(["alpha", "beta"], tmp_path / "run2", federation=gone, aggregation={"masking": "dealer"})
+    with pytest.raises(PeerFailure, match="cannot use the dealer at ws://127.0.0.1:9"):
+        run_hub(parse_config(raw), progress=False)
 
 
 def _initial(live, tmp_path):

@@ -1,0 +1,239 @@
+"""The aggregation dealer: a crypto provider that lets the hub remove the nodes' masks from the sum.
+
+With ``aggregation.masking = 'dealer'`` (PriMIA's design, where a crypto
+provider took part in every secure aggregation) each node masks its update
+with one stream PRG(s_i) whose seed it shares with the dealer through X25519,
+and the dealer sends the hub Σ_{i in U} PRG(s_i) for the included nodes U, once
+per round (:class:`fl.secagg.DealerSecAgg`).  The dealer never receives an
+update, masked or not, and no image; the hub never learns a single node's mask.
+The price is a third party that must not collude with the hub; in return a node
+expands one mask instead of one per partner, and a node lost after uploading
+costs nothing.
+
+``run_dealer(...)`` (what ``primia dealer`` calls) listens on ``host:port`` and
+serves one hub at a time (a new connection replaces the old one, as for nodes).
+:class:`DealerSession` is the protocol, free of I/O: messages in, replies and
+work for the worker thread out.  Hub -> dealer: ``dealer_keys`` (a fresh key
+for a round), ``dealer_roster`` (the nodes' keys: start expanding), ``unmask``
+(U and D: send the mask sum), ``bye``.  Dealer -> hub: ``dealer_key``,
+``mask_sum``, ``error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import os
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from mpc.errors import ConfigError, FrameError, PeerFailure, PrimiaError, ProtocolError
+from mpc.net.channel import Channel, serve
+from mpc.net.tls import server_context
+
+from .checkpoint import atomic_write
+from .messages import PROTOCOL_VERSION, Kind, Message, check
+from .secagg import DealerSecAgg
+from .transport import HUB_ID, limits_for, membership, options_for, recv, send
+
+__all__ = ["DEALER_ID", "DealerSession", "DealerServer", "run_dealer"]
+
+log = logging.getLogger("primia.dealer")
+
+#: the dealer's identity in the authenticated handshake (the hub's federation.dealer_token is its secret)
+DEALER_ID = "dealer"
+
+
+@dataclass(frozen=True)
+class Reply:
+    message: Message
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Run ``call`` on the worker thread (in order); send ``then(result)``'s messages."""
+
+    call: Callable[[], Any]
+    then: Callable[[Any], list[Message]]
+
+
+@dataclass(frozen=True)
+class Close:
+    reason: str
+
+
+Action = Reply | Compute | Close
+
+
+class DealerSession:
+    """One hub connection's dealer protocol (see the module docstring).
+
+    Every round starts with ``dealer_keys`` and a fresh :class:`DealerSecAgg`;
+    a new round abandons an unfinished one (its keys are dropped, nothing was
+    revealed).  A bad message raises :class:`mpc.errors.ProtocolError`.
+    """
+
+    def __init__(self, peer: str = "hub"):
+        self.peer = peer
+        self.round: DealerSecAgg | None = None
+
+    def receive(self, msg: Message) -> list[Action]:
+        if msg.kind == Kind.BYE:
+            return [Close("the hub said goodbye")]
+        if msg.kind == Kind.ERROR:
+            reason = msg.header.get("reason")
+            return [Close(f"the hub reported: {reason if isinstance(reason, str) else 'an error'}")]
+        handler = {
+            Kind.DEALER_KEYS: self._on_keys,
+            Kind.DEALER_ROSTER: self._on_roster,
+            Kind.UNMASK: self._on_unmask,
+        }.get(msg.kind)
+        if handler is None:
+            raise ProtocolError(self.peer, f"sent {msg.kind!r}, which a dealer does not handle")
+        return handler(msg)
+
+    def _on_keys(self, msg: Message) -> list[Action]:
+        check(msg, self.peer, Kind.DEALER_KEYS,
+              {"protocol": int, "round": int, "context": bytes, "size": int, "ring_bits": int})
+        h = msg.header
+        if h["protocol"] != PROTOCOL_VERSION:
+            raise ProtocolError(self.peer, f"speaks protocol {h['protocol']}, this dealer {PROTOCOL_VERSION}; "
+                                           "run the same primia version on the hub and the dealer")
+        self.round = DealerSecAgg(h["round"], h["context"], h["size"], h["ring_bits"])
+        return [Reply(Message(Kind.DEALER_KEY, {"round": h["round"], "key": self.round.public_key()}))]
+
+    def _current(self, msg: Message) -> DealerSecAgg:
+        if self.round is None or msg.header["round"] != self.round.round:
+            raise ProtocolError(self.peer, f"sent {msg.kind} for round {msg.header['round']}, which has no keys here")
+        return self.round
+
+    def _on_roster(self, msg: Message) -> list[Action]:
+        check(msg, self.peer, Kind.DEALER_ROSTER, {"round": int, "keys": dict})
+        state = self._current(msg)
+        state.set_roster(msg.header["keys"])
+        return [Compute(state.expand, lambda _: [])]
+
+    def _on_unmask(self, msg: Message) -> list[Action]:
+        check(msg, self.peer, Kind.UNMASK, {"round": int, "included": list, "dropped": list})
+        state = self._current(msg)
+        h = msg.header
+        if not all(isinstance(n, str) for n in [*h["included"], *h["dropped"]]):
+            raise ProtocolError(self.peer, "unmask: node names must be strings")
+        included, dropped, number = list(h["included"]), list(h["dropped"]), state.round
+        self.round = None  # one answer per round
+        log.info("round %d: mask sum over %d nodes (%d dropped)", number, len(included), len(dropped))
+
+        def answer(total: Any) -> list[Message]:
+            return [Message(Kind.MASK_SUM, {"round": number}, {"sum": total})]
+
+        return [Compute(lambda: state.mask_sum(included, dropped), answer)]
+
+
+class DealerServer:
+    """Serves the dealer protocol to whichever authenticated hub connects."""
+
+    def __init__(self, *, token: str, max_message_mib: int = 1024, once: bool = False,
+                 tls: ssl.SSLContext | None = None):
+        self.membership = membership(DEALER_ID, token, what="dealer token")
+        self.limits = limits_for(max_message_mib)
+        self.once = once
+        self.tls = tls
+        self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="primia-dealer")
+        self.stopped = asyncio.Event()
+        self._current: Channel | None = None
+
+    async def serve(self, host: str, port: int, on_ready: Callable[[int], None] = lambda port: None) -> None:
+        try:
+            server = await serve(
+                self._handle, host, port,
+                membership=self.membership,
+                accept=lambda peer: None if peer == HUB_ID else f"only the hub ({HUB_ID!r}) may connect",
+                label=lambda peer, address: f"hub at {address}",
+                limits=self.limits, options=options_for(), ssl=self.tls,
+            )
+        except OSError as exc:
+            raise ConfigError(f"the dealer cannot listen on {host}:{port}: {exc.strerror or exc}; "
+                              "choose another --port (0 picks a free one)") from None
+        bound = server.sockets[0].getsockname()[1]
+        log.info("dealer on %s://%s:%d", "wss" if self.tls else "ws", host, bound)
+        on_ready(bound)
+        try:
+            await self.stopped.wait()
+        finally:
+            server.close()
+            await server.wait_closed()
+            self.worker.shutdown(wait=False, cancel_futures=True)
+
+    async def _handle(self, channel: Channel) -> None:
+        previous, self._current = self._current, channel
+        if previous is not None:
+            log.info("a new hub connection replaces the previous one")
+            await previous.abort("replaced by a new hub connection")
+        session = DealerSession(peer=channel.peer_label)
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                try:
+                    msg, _ = await recv(channel)
+                    actions = session.receive(msg)
+                except (PeerFailure, FrameError) as exc:
+                    log.info("hub connection ended: %s", getattr(exc, "reason", exc))
+                    return
+                except PrimiaError as exc:  # a bad message: tell the hub, drop the connection
+                    log.warning("%s", exc)
+                    await _try_send(channel, Message(Kind.ERROR, {"reason": str(exc)[:2000]}))
+                    await channel.abort("protocol error")
+                    return
+                for action in actions:
+                    if isinstance(action, Reply):
+                        await send(channel, action.message)
+                    elif isinstance(action, Compute):
+                        try:
+                            result = await loop.run_in_executor(self.worker, action.call)
+                        except PrimiaError as exc:
+                            log.warning("%s", exc)
+                            await _try_send(channel, Message(Kind.ERROR, {"reason": str(exc)[:2000]}))
+                            await channel.abort("protocol error")
+                            return
+                        for message in action.then(result):
+                            await send(channel, message)
+                    else:
+                        log.info("closing the hub connection: %s", action.reason)
+                        await channel.close(action.reason)
+                        return
+        except PeerFailure as exc:
+            log.info("hub connection ended: %s", getattr(exc, "reason", exc))
+        finally:
+            if self._current is channel:
+                self._current = None
+                if self.once:
+                    self.stopped.set()
+
+
+async def _try_send(channel: Channel, message: Message) -> None:
+    try:
+        await send(channel, message)
+    except PeerFailure:
+        pass
+
+
+def run_dealer(*, token: str, host: str = "127.0.0.1", port: int = 8790, port_file: str | Path | None = None,
+               max_message_mib: int = 1024, once: bool = False, tls_cert: str | None = None,
+               tls_key: str | None = None) -> None:
+    """Serve as a federation's aggregation dealer until stopped (blocking).
+
+    Raises:
+        ConfigError: the token is too short, the TLS files cannot be loaded, or the port cannot be used.
+    """
+    tls = server_context(tls_cert, tls_key) if tls_cert or tls_key else None
+    server = DealerServer(token=token, max_message_mib=max_message_mib, once=once, tls=tls)
+
+    def ready(bound: int) -> None:
+        if port_file is not None:
+            atomic_write(port_file, lambda fh: fh.write(json.dumps({"port": bound, "pid": os.getpid()})), mode="w")
+
+    asyncio.run(server.serve(host, port, ready))
