@@ -46,6 +46,8 @@ log = logging.getLogger("primia.dealer")
 
 #: the dealer's identity in the authenticated handshake (the hub's federation.dealer_token is its secret)
 DEALER_ID = "dealer"
+#: bytes of a mask-sum message besides the array (header, padding), with room to spare
+_HEADROOM = 4096
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,9 @@ class DealerSession:
     revealed).  A bad message raises :class:`mpc.errors.ProtocolError`.
     """
 
-    def __init__(self, peer: str = "hub"):
+    def __init__(self, peer: str = "hub", *, max_message_bytes: int = 1 << 30):
         self.peer = peer
+        self.max_message_bytes = max_message_bytes
         self.round: DealerSecAgg | None = None
 
     def receive(self, msg: Message) -> list[Action]:
@@ -103,6 +106,11 @@ class DealerSession:
         if h["protocol"] != PROTOCOL_VERSION:
             raise ProtocolError(self.peer, f"speaks protocol {h['protocol']}, this dealer {PROTOCOL_VERSION}; "
                                            "run the same primia version on the hub and the dealer")
+        if h["ring_bits"] in (32, 64) and h["size"] * h["ring_bits"] // 8 > self.max_message_bytes - _HEADROOM:
+            need = (h["size"] * h["ring_bits"] // 8 + _HEADROOM) / 2**20
+            raise ProtocolError(self.peer, f"asks for mask sums of {h['size']:,} values, {need:,.0f} MiB per message, "
+                                           f"above this dealer's limit; restart it with --max-message-mib {need:.0f} "
+                                           "or more (as the hub's federation.max_message_mib)")
         self.round = DealerSecAgg(h["round"], h["context"], h["size"], h["ring_bits"])
         return [Reply(Message(Kind.DEALER_KEY, {"round": h["round"], "key": self.round.public_key()}))]
 
@@ -173,7 +181,7 @@ class DealerServer:
         if previous is not None:
             log.info("a new hub connection replaces the previous one")
             await previous.abort("replaced by a new hub connection")
-        session = DealerSession(peer=channel.peer_label)
+        session = DealerSession(peer=channel.peer_label, max_message_bytes=self.limits.max_message_bytes)
         loop = asyncio.get_running_loop()
         try:
             while True:

@@ -175,6 +175,10 @@ def test_the_dealer_session_refuses_bad_and_out_of_order_messages():
                                                    "size": 8, "ring_bits": 32}))
     with pytest.raises(ProtocolError, match="no keys here"):
         session.receive(Message(Kind.DEALER_ROSTER, {"round": 1, "keys": {}}))
+    with pytest.raises(ProtocolError, match="--max-message-mib 2"):  # 2^19 values x 4 bytes = 2 MiB > 1 MiB
+        DealerSession(max_message_bytes=1 << 20).receive(Message(
+            Kind.DEALER_KEYS, {"protocol": PROTOCOL_VERSION, "round": 1, "context": b"c", "size": 1 << 19,
+                               "ring_bits": 32}))
     (reply,) = session.receive(Message(Kind.DEALER_KEYS, {"protocol": PROTOCOL_VERSION, "round": 1, "context": b"c",
                                                           "size": 8, "ring_bits": 32}))
     assert isinstance(reply, Reply) and reply.message.kind == Kind.DEALER_KEY and len(reply.message.header["key"]) == 32
