@@ -147,7 +147,7 @@ class Hub:
             }
             log.info("run %s: %d nodes, %d classes %s, model %s (%d values), %s aggregation, rounds %d-%d",
                      run_id, len(nodes), len(classes), classes, cfg.model.name, layout.size,
-                     "secure" if cfg.aggregation.secure else "plain", start, cfg.run.rounds)
+                     f"secure ({cfg.aggregation.masking} masks)" if cfg.aggregation.secure else "plain", start, cfg.run.rounds)
             last_eval: Evaluated | None = None
             bar = self._progress_bar(start)
             for number in range(start, cfg.run.rounds + 1):
