@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fl.config import parse_config
+from fl.errors import RoundFailed
 from fl.hub import run_hub
 from mpc.errors import ConfigError, PeerFailure
 
@@ -106,6 +107,47 @@ def test_a_dealer_masked_federation_trains_the_same_model_as_pairwise_masking(li
     assert 4 * size < last["dealer_bytes"]["from_dealer"] < 4 * size + 4096
     assert last["dealer_bytes"]["to_dealer"] < 4096
     assert "dealer_token" not in json.dumps(json.loads((tmp_path / "dealer" / "report.json").read_text())["config"])
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_dealer_fails_the_round_and_resume_finishes_with_a_new_one(live, tmp_path):
+    """Round 2 fails when the dealer process dies; round 1 stays checkpointed, and after a new dealer
+    starts (elsewhere: another port) --resume runs rounds 2 and 3; a node killed mid-round meanwhile
+    is left out of the dealer's mask sum."""
+    for sub in ("d1", "d2"):
+        (tmp_path / sub).mkdir()
+    first = DealerProcess(tmp_path / "d1")
+    names = list(NAMES)
+
+    def kill_dealer_after_round_one(event, info):
+        if event == "round" and info["round"] == 1:
+            first.proc.send_signal(signal.SIGKILL)
+            first.proc.wait()
+
+    def config(dealer_proc):
+        return parse_config(live.config(names, tmp_path / "run", run={"rounds": 3},
+                                        federation={"min_nodes": 2, **dealer_proc.federation()},
+                                        aggregation={"masking": "dealer"}, **FAST))
+
+    try:
+        with pytest.raises(RoundFailed, match="round 2 failed during keys: the dealer lost the connection.*--resume"):
+            run_hub(config(first), observer=kill_dealer_after_round_one, progress=False)
+    finally:
+        first.stop()
+    second = DealerProcess(tmp_path / "d2")
+
+    def kill_gamma_on_round_three_roster(event, info):
+        if event == "send" and info["kind"] == "roster" and info["round"] == 3 and info["node"] == "gamma":
+            live.kill("gamma")
+
+    try:
+        report = run_hub(config(second), resume=True, observer=kill_gamma_on_round_three_roster, progress=False)
+    finally:
+        second.stop()
+    rounds = {r["round"]: r for r in report["rounds"]}
+    assert sorted(rounds) == [1, 2, 3] and rounds[2]["included"] == names
+    assert rounds[3]["included"] == ["alpha", "beta"] and rounds[3]["dropped"] == ["gamma"]
+    assert report["final"]["pooled"]["accuracy"] > 0.5
 
 
 @pytest.mark.timeout(300)
