@@ -426,7 +426,6 @@ class NodeSecAgg:
     graph: dict[str, frozenset[str]] | None = field(default=None, repr=False)
     stage: Stage = Stage.KEYS
     _mask_sum: np.ndarray | None = field(default=None, repr=False)
-
     _dealer_key: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
