@@ -90,8 +90,8 @@ def _update_only_runtime(name: str, classes: int) -> Any:
 
 def serve_node(name: str, port_file: str, token_file: str, classes: int) -> None:
     """Entry point of one benchmark node process (serves hub runs until terminated)."""
-    from fl.checkpoint import atomic_write
     from fl.node import NodeServer, share_the_gil
+    from fl.transport import port_file_writer
 
     import logging
 
@@ -101,10 +101,7 @@ def serve_node(name: str, port_file: str, token_file: str, classes: int) -> None
     token = Path(token_file).read_text().strip()
     server = NodeServer(_update_only_runtime(name, classes), name=name, token=token, max_message_mib=4096)
 
-    def ready(port: int) -> None:
-        atomic_write(port_file, lambda fh: fh.write(json.dumps({"port": port})), mode="w")
-
-    asyncio.run(server.serve("127.0.0.1", 0, ready))
+    asyncio.run(server.serve("127.0.0.1", 0, port_file_writer(port_file)))
 
 
 class BenchFederation:

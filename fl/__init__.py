@@ -12,7 +12,7 @@ Sans-I/O protocol logic, with thin asyncio adapters over :mod:`mpc.net`:
 - :mod:`fl.messages`: message kinds and their checks.
 - :mod:`fl.node_protocol`, :mod:`fl.hub_protocol`: the two state machines (no sockets, no clocks).
 - :mod:`fl.node`, :mod:`fl.hub`, :mod:`fl.transport`: the servers and the round loop.
-- :mod:`fl.metrics`, :mod:`fl.report`, :mod:`fl.checkpoint`: metrics, the report and plots, atomic files.
+- :mod:`fl.metrics`, :mod:`fl.report`, :mod:`fl.checkpoint`, :mod:`fl.files`: metrics, the report and plots, checkpoints, atomic files.
 - :mod:`fl.demo`: ``primia demo``.
 
 See docs/federation.md.  The package imports nothing itself; each module imports what it needs.

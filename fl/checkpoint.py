@@ -1,9 +1,6 @@
-"""Atomic files: checkpoints (torch, weights only) and JSON.
+"""Checkpoints (torch, weights only) and JSON, written atomically (:func:`fl.files.atomic_write`).
 
-Every write goes to a temporary file in the same directory, is flushed and
-fsynced, then renamed over the target with ``os.replace`` (atomic on POSIX and
-Windows) and the directory entry fsynced: a crash leaves either the old file
-or the new one, never a torn one.  Checkpoints are loaded with
+Checkpoints are loaded with
 ``torch.load(..., weights_only=True)``: tensors and plain containers only,
 nothing unpickled that could run code.
 
@@ -16,48 +13,18 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from .errors import ResumeError
+from .files import atomic_write
 
-__all__ = ["CHECKPOINT_FORMAT", "atomic_write", "save_checkpoint", "load_checkpoint", "write_json"]
+__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "write_json"]
 
 CHECKPOINT_FORMAT = 1
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, mode: str = "wb") -> None:
-    """Write ``path`` atomically: ``write(fileobj)`` fills a temporary file that then replaces ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _to_torch(value: Any) -> Any:

@@ -23,22 +23,19 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import logging
-import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from mpc.errors import ConfigError, FrameError, PeerFailure, PrimiaError, ProtocolError
-from mpc.net.channel import Channel, serve
+from mpc.errors import FrameError, PeerFailure, PrimiaError, ProtocolError
+from mpc.net.channel import Channel
 from mpc.net.tls import server_context
 
-from .checkpoint import atomic_write
 from .messages import PROTOCOL_VERSION, Kind, Message, check
 from .secagg import DealerSecAgg
-from .transport import HUB_ID, limits_for, membership, options_for, recv, send
+from .transport import limits_for, listen_for_hub, membership, port_file_writer, recv, send
 
 __all__ = ["DEALER_ID", "DealerSession", "DealerServer", "run_dealer"]
 
@@ -155,18 +152,8 @@ class DealerServer:
         self._current: Channel | None = None
 
     async def serve(self, host: str, port: int, on_ready: Callable[[int], None] = lambda port: None) -> None:
-        try:
-            server = await serve(
-                self._handle, host, port,
-                membership=self.membership,
-                accept=lambda peer: None if peer == HUB_ID else f"only the hub ({HUB_ID!r}) may connect",
-                label=lambda peer, address: f"hub at {address}",
-                limits=self.limits, options=options_for(), ssl=self.tls,
-            )
-        except OSError as exc:
-            raise ConfigError(f"the dealer cannot listen on {host}:{port}: {exc.strerror or exc}; "
-                              "choose another --port (0 picks a free one)") from None
-        bound = server.sockets[0].getsockname()[1]
+        server, bound = await listen_for_hub(self._handle, host, port, who="the dealer", membership=self.membership,
+                                             limits=self.limits, tls=self.tls)
         log.info("dealer on %s://%s:%d", "wss" if self.tls else "ws", host, bound)
         on_ready(bound)
         try:
@@ -239,9 +226,4 @@ def run_dealer(*, token: str, host: str = "127.0.0.1", port: int = 8790, port_fi
     """
     tls = server_context(tls_cert, tls_key) if tls_cert or tls_key else None
     server = DealerServer(token=token, max_message_mib=max_message_mib, once=once, tls=tls)
-
-    def ready(bound: int) -> None:
-        if port_file is not None:
-            atomic_write(port_file, lambda fh: fh.write(json.dumps({"port": bound, "pid": os.getpid()})), mode="w")
-
-    asyncio.run(server.serve(host, port, ready))
+    asyncio.run(server.serve(host, port, port_file_writer(port_file)))

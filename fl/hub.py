@@ -38,7 +38,8 @@ from mpc.net.channel import Channel, connect
 from mpc.net.tls import client_context
 
 from .aggregation import ServerOptimizer
-from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
+from .checkpoint import load_checkpoint, save_checkpoint, write_json
+from .files import atomic_write
 from .config import Config
 from .errors import ResumeError
 from .dealer import DEALER_ID

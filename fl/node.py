@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import logging
-import os
 import re
 import ssl
 import sys
@@ -27,14 +25,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from mpc.errors import ConfigError, FrameError, PeerFailure
-from mpc.net.channel import Channel, serve
+from mpc.errors import FrameError, PeerFailure
+from mpc.net.channel import Channel
 from mpc.net.tls import server_context
 
-from .checkpoint import atomic_write
 from .data import scan_folder
 from .node_protocol import MASK_LANE, TRAIN_LANE, Close, NodeRuntime, NodeSession, Send, Work
-from .transport import HUB_ID, limits_for, membership, options_for, recv, send
+from .transport import limits_for, listen_for_hub, membership, port_file_writer, recv, send
 
 __all__ = ["default_node_name", "NodeServer", "run_node", "share_the_gil"]
 
@@ -89,22 +86,8 @@ class NodeServer:
         self._current: Channel | None = None
 
     async def serve(self, host: str, port: int, on_ready: Callable[[int], None] = lambda port: None) -> None:
-        try:
-            server = await serve(
-                self._handle,
-                host,
-                port,
-                membership=self.membership,
-                accept=lambda peer: None if peer == HUB_ID else f"only the hub ({HUB_ID!r}) may connect",
-                label=lambda peer, address: f"hub at {address}",
-                limits=self.limits,
-                options=options_for(),
-                ssl=self.tls,
-            )
-        except OSError as exc:
-            raise ConfigError(f"node {self.name} cannot listen on {host}:{port}: {exc.strerror or exc}; "
-                              "choose another --port (0 picks a free one)") from None
-        bound = server.sockets[0].getsockname()[1]
+        server, bound = await listen_for_hub(self._handle, host, port, who=f"node {self.name}",
+                                             membership=self.membership, limits=self.limits, tls=self.tls)
         log.info("node %s: %s on %s://%s:%d", self.name, self._describe(), "wss" if self.tls else "ws", host, bound)
         on_ready(bound)
         try:
@@ -213,9 +196,4 @@ def run_node(
     runtime = NodeRuntime(scan, name=name, device=device)
     tls = server_context(tls_cert, tls_key) if tls_cert or tls_key else None
     server = NodeServer(runtime, name=name, token=token, max_message_mib=max_message_mib, once=once, tls=tls)
-
-    def ready(bound: int) -> None:
-        if port_file is not None:
-            atomic_write(port_file, lambda fh: fh.write(json.dumps({"port": bound, "pid": os.getpid()})), mode="w")
-
-    asyncio.run(server.serve(host, port, ready))
+    asyncio.run(server.serve(host, port, port_file_writer(port_file)))

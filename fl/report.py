@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import atomic_write, write_json
+from .checkpoint import write_json
+from .files import atomic_write
 from .metrics import EvalSummary, histogram_roc
 
 __all__ = ["roc_curves", "write_report", "plot_metrics", "plot_roc"]

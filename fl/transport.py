@@ -11,16 +11,21 @@ from ``federation.max_message_mib``.  This module only converts between
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import os
+import ssl
+from pathlib import Path
+from typing import Any, Awaitable, Callable
 
 import msgpack
 
 from mpc.errors import ConfigError
 from mpc.net.auth import MIN_SECRET_BYTES
-from mpc.net.channel import Channel, ChannelOptions, Membership
+from mpc.net.channel import Channel, ChannelOptions, Membership, serve
 from mpc.net.wire import Limits
 from mpc.net.wire import Message as WireMessage
 
+from .files import atomic_write
 from .messages import Message
 
 __all__ = [
@@ -29,6 +34,8 @@ __all__ = [
     "limits_for",
     "options_for",
     "membership",
+    "listen_for_hub",
+    "port_file_writer",
     "send",
     "recv",
     "wire_size",
@@ -62,6 +69,36 @@ def membership(local_id: str, token: str, *, what: str) -> Membership:
             "(make one with `openssl rand -hex 32`)"
         )
     return Membership(local_id, secret, FL_SESSION)
+
+
+async def listen_for_hub(handler: Callable[[Channel], Awaitable[None]], host: str, port: int, *, who: str,
+                         membership: Membership, limits: Limits, tls: ssl.SSLContext | None) -> tuple[Any, int]:
+    """Listen on ``host:port`` for the hub alone (a node or the dealer); returns the server and the bound port.
+
+    Raises:
+        ConfigError: the port cannot be used (``who`` names the listener in the message).
+    """
+    try:
+        server = await serve(
+            handler, host, port,
+            membership=membership,
+            accept=lambda peer: None if peer == HUB_ID else f"only the hub ({HUB_ID!r}) may connect",
+            label=lambda peer, address: f"hub at {address}",
+            limits=limits, options=options_for(), ssl=tls,
+        )
+    except OSError as exc:
+        raise ConfigError(f"{who} cannot listen on {host}:{port}: {exc.strerror or exc}; "
+                          "choose another --port (0 picks a free one)") from None
+    return server, server.sockets[0].getsockname()[1]
+
+
+def port_file_writer(port_file: str | os.PathLike | None) -> Callable[[int], None]:
+    """``on_ready`` for a server: writes {"port", "pid"} to ``port_file`` atomically (nothing without one)."""
+    def ready(bound: int) -> None:
+        if port_file is not None:
+            atomic_write(Path(port_file), lambda fh: fh.write(json.dumps({"port": bound, "pid": os.getpid()})), mode="w")
+
+    return ready
 
 
 async def send(channel: Channel, msg: Message) -> int:
