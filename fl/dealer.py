@@ -178,10 +178,8 @@ class DealerServer:
                 except (PeerFailure, FrameError) as exc:
                     log.info("hub connection ended: %s", getattr(exc, "reason", exc))
                     return
-                except PrimiaError as exc:  # a bad message: tell the hub, drop the connection
-                    log.warning("%s", exc)
-                    await _try_send(channel, Message(Kind.ERROR, {"reason": str(exc)[:2000]}))
-                    await channel.abort("protocol error")
+                except PrimiaError as exc:
+                    await _refuse(channel, exc)
                     return
                 for action in actions:
                     if isinstance(action, Reply):
@@ -190,9 +188,7 @@ class DealerServer:
                         try:
                             result = await loop.run_in_executor(self.worker, action.call)
                         except PrimiaError as exc:
-                            log.warning("%s", exc)
-                            await _try_send(channel, Message(Kind.ERROR, {"reason": str(exc)[:2000]}))
-                            await channel.abort("protocol error")
+                            await _refuse(channel, exc)
                             return
                         for message in action.then(result):
                             await send(channel, message)
@@ -209,11 +205,14 @@ class DealerServer:
                     self.stopped.set()
 
 
-async def _try_send(channel: Channel, message: Message) -> None:
+async def _refuse(channel: Channel, exc: PrimiaError) -> None:
+    """A bad request: tell the hub why (its run fails with the reason) and drop the connection."""
+    log.warning("%s", exc)
     try:
-        await send(channel, message)
+        await send(channel, Message(Kind.ERROR, {"reason": str(exc)[:2000]}))
     except PeerFailure:
         pass
+    await channel.abort("protocol error")
 
 
 def run_dealer(*, token: str, host: str = "127.0.0.1", port: int = 8790, port_file: str | Path | None = None,

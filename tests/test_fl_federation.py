@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -160,6 +161,32 @@ def test_an_unreachable_dealer_or_a_wrong_dealer_secret_is_named(live, dealer, t
     raw = live.config(["alpha", "beta"], tmp_path / "run2", federation=gone, aggregation={"masking": "dealer"})
     with pytest.raises(PeerFailure, match="cannot use the dealer at ws://127.0.0.1:9"):
         run_hub(parse_config(raw), progress=False)
+
+
+def test_the_dealer_answers_a_bad_request_with_an_error_and_keeps_serving(dealer):
+    """A malformed request over the network gets a named error and a closed connection, never a crash."""
+    from fl.dealer import DEALER_ID
+    from fl.messages import PROTOCOL_VERSION, Kind, Message
+    from fl.transport import HUB_ID, membership, recv, send
+    from mpc.net.channel import connect
+
+    async def ask(header):
+        channel = await connect(f"ws://127.0.0.1:{dealer.port}", membership=membership(HUB_ID, dealer.token, what="t"),
+                                peer_id=DEALER_ID)
+        try:
+            await send(channel, Message(Kind.DEALER_KEYS, header))
+            return (await recv(channel))[0]
+        finally:
+            await channel.abort("test over")
+
+    request = {"protocol": PROTOCOL_VERSION, "round": 1, "context": b"c", "size": 8, "ring_bits": 32}
+    refused = asyncio.run(ask({**request, "ring_bits": 16}))
+    assert refused.kind == Kind.ERROR and "ring_bits must be 32 or 64" in refused.header["reason"]
+    refused = asyncio.run(ask({**request, "size": "eight"}))
+    assert refused.kind == Kind.ERROR and "size" in refused.header["reason"]
+    answered = asyncio.run(ask(request))  # the same process, still serving
+    assert answered.kind == Kind.DEALER_KEY and len(answered.header["key"]) == 32
+    assert dealer.proc.poll() is None
 
 
 def _initial(live, tmp_path):
