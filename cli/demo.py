@@ -23,10 +23,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="primia-demo", help="output folder, replaced on each run (default ./primia-demo)")
     p.add_argument("--rounds", type=int, default=10, help="federated rounds (default 10)")
+    p.add_argument("--masking", choices=("pairwise", "dealer"), default="pairwise",
+                   help="secure aggregation with pair masks between the nodes (default), or one mask per node "
+                        "removed by a dealer process (aggregation.masking)")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     from fl.demo import run_demo
 
-    return run_demo(args.out, rounds=args.rounds)
+    return run_demo(args.out, rounds=args.rounds, masking=args.masking)

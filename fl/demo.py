@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["NODE_NAMES", "NODE_FRACTIONS", "load_digits", "write_digits", "start_nodes", "stop_nodes", "write_config", "run_demo"]
+__all__ = ["NODE_NAMES", "NODE_FRACTIONS", "load_digits", "write_digits", "start_nodes", "start_dealer", "stop_nodes", "write_config", "run_demo"]
 
 log = logging.getLogger("primia.demo")
 
@@ -91,37 +91,53 @@ def start_nodes(out: Path, data: Path, names: tuple[str, ...], *, threads: int =
 
     With ``once`` each node exits when its first hub connection ends.
     """
-    nodes: dict[str, dict[str, Any]] = {}
-    (out / "secrets").mkdir(parents=True, exist_ok=True)
-    (out / "logs").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}
-    for name in names:
-        token = secrets.token_hex(32)
-        token_file = out / "secrets" / f"{name}.key"
-        token_file.write_text(token + "\n", encoding="utf-8")
-        token_file.chmod(0o600)
-        port_file = out / "logs" / f"{name}.port"
-        port_file.unlink(missing_ok=True)
-        log_file = (out / "logs" / f"{name}.log").open("w")
-        cmd = [sys.executable, "-m", "cli.main", "node", "--data", str(data / name), "--name", name,
-               "--port", "0", "--port-file", str(port_file), "--token-file", str(token_file),
-               "--threads", str(threads), *(["--once"] if once else [])]
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=_project_root())
-        nodes[name] = {"process": proc, "port_file": port_file, "token_file": token_file, "log": out / "logs" / f"{name}.log"}
+    nodes = {
+        name: _spawn(out, name, ["node", "--data", str(data / name), "--name", name, "--threads", str(threads),
+                                 *(["--once"] if once else [])], env)
+        for name in names
+    }
     deadline = time.monotonic() + 180
     for name, node in nodes.items():
-        while not node["port_file"].exists():
-            if node["process"].poll() is not None:
-                raise RuntimeError(f"node {name} exited (code {node['process'].returncode}); see {node['log']}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"node {name} did not start within 180 s; see {node['log']}")
-            time.sleep(0.1)
-        node["port"] = json.loads(node["port_file"].read_text())["port"]
+        _wait_for_port(f"node {name}", node, deadline)
     return nodes
 
 
+def start_dealer(out: Path) -> dict[str, Any]:
+    """Start a ``primia dealer`` process on a free port that exits after one hub connection."""
+    dealer = _spawn(out, "dealer", ["dealer", "--once"], dict(os.environ))
+    _wait_for_port("the dealer", dealer, time.monotonic() + 120)
+    return dealer
+
+
+def _spawn(out: Path, name: str, args: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """``primia <args>`` with a fresh secret in secrets/<name>.key, a port file and a log under logs/."""
+    (out / "secrets").mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    token_file = out / "secrets" / f"{name}.key"
+    token_file.write_text(secrets.token_hex(32) + "\n", encoding="utf-8")
+    token_file.chmod(0o600)
+    port_file = out / "logs" / f"{name}.port"
+    port_file.unlink(missing_ok=True)
+    log = out / "logs" / f"{name}.log"
+    cmd = [sys.executable, "-m", "cli.main", *args, "--port", "0", "--port-file", str(port_file),
+           "--token-file", str(token_file)]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=_project_root())
+    return {"process": proc, "port_file": port_file, "token_file": token_file, "log": log}
+
+
+def _wait_for_port(what: str, started: dict[str, Any], deadline: float) -> None:
+    while not started["port_file"].exists():
+        if started["process"].poll() is not None:
+            raise RuntimeError(f"{what} exited (code {started['process'].returncode}); see {started['log']}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start in time; see {started['log']}")
+        time.sleep(0.1)
+    started["port"] = json.loads(started["port_file"].read_text())["port"]
+
+
 def stop_nodes(nodes: dict[str, dict[str, Any]], *, timeout_s: float = 20.0) -> None:
-    """Wait for node processes to exit (they stop after the run with ``--once``); terminate stragglers."""
+    """Wait for node (and dealer) processes to exit (they stop after the run with ``--once``); terminate stragglers."""
     deadline = time.monotonic() + timeout_s
     for node in nodes.values():
         proc = node["process"]
@@ -137,12 +153,16 @@ def stop_nodes(nodes: dict[str, dict[str, Any]], *, timeout_s: float = 20.0) -> 
 
 
 def write_config(path: Path, nodes: dict[str, dict[str, Any]], *, output_dir: Path, rounds: int = 10,
-                 secure: bool = True, seed: int = 0, extra: str = "") -> Path:
-    """The demo's federation.toml (also a starting point for real federations)."""
+                 secure: bool = True, seed: int = 0, extra: str = "", dealer: dict[str, Any] | None = None) -> Path:
+    """The demo's federation.toml (also a starting point for real federations); with ``dealer`` (from
+    :func:`start_dealer`) secure aggregation uses dealer masking."""
     node_tables = "\n".join(
         f'[[federation.nodes]]\nname = "{name}"\naddress = "ws://127.0.0.1:{node["port"]}"\n'
         f'token_file = "{node["token_file"].resolve()}"\n'
         for name, node in nodes.items()
+    )
+    dealer_keys = "" if dealer is None else (
+        f'dealer_address = "ws://127.0.0.1:{dealer["port"]}"\ndealer_token_file = "{dealer["token_file"].resolve()}"\n'
     )
     text = f"""# primia federation: the digits demo (see docs/federation.md for every key)
 [run]
@@ -155,7 +175,7 @@ output_dir = "{output_dir.resolve()}"
 min_nodes = 2
 on_dropout = "continue"
 connect_timeout_s = 60
-
+{dealer_keys}
 [model]
 name = "simple_cnn"
 width = 16
@@ -180,6 +200,7 @@ weighting = "samples"
 secure = {str(secure).lower()}
 frac_bits = 16
 ring_bits = 32
+masking = "{"dealer" if dealer else "pairwise"}"
 {extra}
 {node_tables}"""
     path.write_text(text, encoding="utf-8")
@@ -190,8 +211,9 @@ def _project_root() -> str:
     return str(Path(__file__).resolve().parent.parent)
 
 
-def run_demo(out: str | Path = "primia-demo", *, rounds: int = 10) -> int:
-    """The whole demo (see the module docstring); returns an exit code."""
+def run_demo(out: str | Path = "primia-demo", *, rounds: int = 10, masking: str = "pairwise") -> int:
+    """The whole demo (see the module docstring); returns an exit code.  ``masking = "dealer"`` adds a
+    ``primia dealer`` process and aggregates with dealer masking."""
     import torch
 
     torch.set_num_threads(1)
@@ -206,15 +228,19 @@ def run_demo(out: str | Path = "primia-demo", *, rounds: int = 10) -> int:
           + f", held out: {len(split['holdout_labels'])}")
     print("primia demo: starting 3 node processes on 127.0.0.1 ...")
     nodes = start_nodes(out, data, NODE_NAMES)
+    dealer = None
     try:
-        config = write_config(out / "federation.toml", nodes, output_dir=out / "run", rounds=rounds)
-        print(f"primia demo: training with secure aggregation ({rounds} rounds), config {config}")
+        if masking == "dealer":
+            print("primia demo: starting the dealer (crypto provider) for dealer-masked aggregation ...")
+            dealer = start_dealer(out)
+        config = write_config(out / "federation.toml", nodes, output_dir=out / "run", rounds=rounds, dealer=dealer)
+        print(f"primia demo: training with secure aggregation ({masking} masks, {rounds} rounds), config {config}")
         from .config import load_config
         from .hub import run_hub
 
         report = run_hub(load_config(config), progress=None)
     finally:
-        stop_nodes(nodes)
+        stop_nodes({**nodes, **({"dealer": dealer} if dealer else {})})
     final = report["final"]
     print("\nfinal validation metrics (pooled over the nodes' local validation splits):")
     _print_metrics("pooled", final["pooled"])

@@ -310,3 +310,15 @@ def test_the_demo_runs_end_to_end(tmp_path):
     encrypted = summary["encrypted_inference"]
     assert encrypted is not None and encrypted["agreement"] >= 7 / 8
     assert f"Outputs in {out}" in run.stdout
+
+
+@pytest.mark.timeout(300)
+def test_the_demo_runs_with_dealer_masking(tmp_path):
+    out = tmp_path / "demo"
+    run = subprocess.run([sys.executable, "-m", "cli.main", "demo", "--out", str(out), "--rounds", "3",
+                          "--masking", "dealer"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((out / "run" / "report.json").read_text())
+    assert report["config"]["aggregation"]["masking"] == "dealer"
+    assert all(r["dealer_bytes"]["from_dealer"] > 0 for r in report["rounds"])  # the dealer answered every round
+    assert json.loads((out / "demo-summary.json").read_text())["final"]["pooled"]["accuracy"] > 0.8
