@@ -35,14 +35,12 @@ from mpc.net.tls import server_context
 
 from .messages import PROTOCOL_VERSION, Kind, Message, check
 from .secagg import DealerSecAgg
-from .transport import limits_for, listen_for_hub, membership, port_file_writer, recv, send
+from .transport import DEALER_ID, limits_for, listen_for_hub, membership, port_file_writer, recv, send
 
-__all__ = ["DEALER_ID", "DealerSession", "DealerServer", "run_dealer"]
+__all__ = ["DealerSession", "DealerServer", "run_dealer"]
 
 log = logging.getLogger("primia.dealer")
 
-#: the dealer's identity in the authenticated handshake (the hub's federation.dealer_token is its secret)
-DEALER_ID = "dealer"
 #: bytes of a mask-sum message besides the array (header, padding), with room to spare
 _HEADROOM = 4096
 

@@ -39,10 +39,9 @@ from mpc.net.tls import client_context
 
 from .aggregation import ServerOptimizer
 from .checkpoint import load_checkpoint, save_checkpoint, write_json
-from .files import atomic_write
 from .config import Config
 from .errors import ResumeError
-from .dealer import DEALER_ID
+from .files import atomic_write
 from .hub_protocol import (
     DEALER_LINK,
     Configured,
@@ -61,7 +60,7 @@ from .metrics import compute_metrics, pool
 from .models import Layout, build_model
 from .report import roc_curves, write_report
 from .training import round_lr
-from .transport import HUB_ID, limits_for, membership, options_for, recv, send
+from .transport import DEALER_ID, HUB_ID, limits_for, membership, options_for, recv, send
 
 __all__ = ["Observer", "Hub", "run_hub", "CHECKPOINT_NAME", "MODEL_NAME"]
 
@@ -146,9 +145,10 @@ class Hub:
                     "train_samples": configured.train_samples[n], "val_samples": configured.val_samples[n]}
                 for n in configured.train_samples
             }
+            aggregation = f"secure ({cfg.aggregation.masking} masks)" if cfg.aggregation.secure else "plain"
             log.info("run %s: %d nodes, %d classes %s, model %s (%d values), %s aggregation, rounds %d-%d",
-                     run_id, len(nodes), len(classes), classes, cfg.model.name, layout.size,
-                     f"secure ({cfg.aggregation.masking} masks)" if cfg.aggregation.secure else "plain", start, cfg.run.rounds)
+                     run_id, len(nodes), len(classes), classes, cfg.model.name, layout.size, aggregation, start,
+                     cfg.run.rounds)
             last_eval: Evaluated | None = None
             bar = self._progress_bar(start)
             for number in range(start, cfg.run.rounds + 1):

@@ -31,6 +31,7 @@ from .messages import Message
 __all__ = [
     "FL_SESSION",
     "HUB_ID",
+    "DEALER_ID",
     "limits_for",
     "options_for",
     "membership",
@@ -44,6 +45,8 @@ __all__ = [
 #: the session every federation handshake binds to (the secret is per node)
 FL_SESSION = "primia-federation/v1"
 HUB_ID = "hub"
+#: the aggregation dealer's identity (aggregation.masking = 'dealer'; federation.dealer_token is its secret)
+DEALER_ID = "dealer"
 _PREFIX_BYTES = 12
 _ALIGN = 8
 

@@ -165,9 +165,8 @@ def test_an_unreachable_dealer_or_a_wrong_dealer_secret_is_named(live, dealer, t
 
 def test_the_dealer_answers_a_bad_request_with_an_error_and_keeps_serving(dealer):
     """A malformed request over the network gets a named error and a closed connection, never a crash."""
-    from fl.dealer import DEALER_ID
     from fl.messages import PROTOCOL_VERSION, Kind, Message
-    from fl.transport import HUB_ID, membership, recv, send
+    from fl.transport import DEALER_ID, HUB_ID, membership, recv, send
     from mpc.net.channel import connect
 
     async def ask(header):
