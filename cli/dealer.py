@@ -16,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from .node import read_token
+from .node import add_listener_arguments, read_token
 
 __all__ = ["register"]
 
@@ -30,15 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Serve a federation hub as the dealer (crypto provider) of dealer-masked secure aggregation. "
         "It sees only public keys and the list of included nodes, never an update.",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=8790, help="port to listen on (0: any free port; default 8790)")
-    p.add_argument("--token-file", metavar="FILE",
-                   help=f"file holding the secret shared with the hub (federation.dealer_token; or set ${TOKEN_ENV})")
-    p.add_argument("--port-file", metavar="FILE", help="write the port actually bound to this file (JSON)")
-    p.add_argument("--max-message-mib", type=int, default=1024, help="largest message accepted (MiB)")
-    p.add_argument("--tls-cert", metavar="FILE", help="serve wss:// with this certificate (PEM; needs --tls-key)")
-    p.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert (PEM)")
-    p.add_argument("--once", action="store_true", help="exit when the first hub connection ends")
+    add_listener_arguments(
+        p, port=8790, once_help="exit when the first hub connection ends",
+        token_help=f"file holding the secret shared with the hub (federation.dealer_token; or set ${TOKEN_ENV})",
+    )
     p.set_defaults(func=main)
 
 

@@ -32,20 +32,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", required=True, metavar="DIR", help="folder with one sub-folder of images per class")
     p.add_argument("--name", help="this node's name, as in the hub's federation.nodes (default: the folder's name)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=8781, help="port to listen on (0: any free port; default 8781)")
-    p.add_argument("--token-file", metavar="FILE",
-                   help=f"file holding the secret shared with the hub (or set ${TOKEN_ENV})")
-    p.add_argument("--port-file", metavar="FILE", help="write the port actually bound to this file (JSON)")
+    add_listener_arguments(p, port=8781, token_help=f"file holding the secret shared with the hub (or set ${TOKEN_ENV})",
+                           once_help="exit when the first run ends")
     p.add_argument("--device", default="cpu", help="torch device for training (cpu, cuda, cuda:1, ...)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--strict", action="store_true", help="treat mixed image sizes or channels as errors")
+    p.add_argument("--check", action="store_true", help="only check the data folder, print the findings and exit")
+    p.set_defaults(func=main)
+
+
+def add_listener_arguments(p: argparse.ArgumentParser, *, port: int, token_help: str, once_help: str) -> None:
+    """The options of a server the hub dials (``primia node``, ``primia dealer``)."""
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=port, help=f"port to listen on (0: any free port; default {port})")
+    p.add_argument("--token-file", metavar="FILE", help=token_help)
+    p.add_argument("--port-file", metavar="FILE", help="write the port actually bound to this file (JSON)")
     p.add_argument("--max-message-mib", type=int, default=1024, help="largest message accepted (MiB)")
     p.add_argument("--tls-cert", metavar="FILE", help="serve wss:// with this certificate (PEM; needs --tls-key)")
     p.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert (PEM)")
-    p.add_argument("--once", action="store_true", help="exit when the first run ends")
-    p.add_argument("--check", action="store_true", help="only check the data folder, print the findings and exit")
-    p.set_defaults(func=main)
+    p.add_argument("--once", action="store_true", help=once_help)
 
 
 def read_token(token_file: str | None, *, env: str = TOKEN_ENV, what: str = "federation.nodes[].token for this node") -> str:
