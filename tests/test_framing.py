@@ -175,7 +175,7 @@ def test_frames_cut_anywhere_by_the_network_still_arrive_whole():
 
     async def client(port):
         ws = await ws_connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None)
-        await client_handshake(ws, secret=SECRET, local_id="rogue", server_id="hub", session="s1", timeout_s=5)
+        await client_handshake(ws, Membership("rogue", SECRET, "s1"), "hub", timeout_s=5)
         pos = 0
         for cut in cuts + [len(stream)]:
             ws.transport.write(stream[pos : pos + cut])

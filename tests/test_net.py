@@ -23,6 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect as ws_connect
+from websockets.asyncio.server import serve as ws_serve
+from websockets.exceptions import ConnectionClosed
 
 import mpc
 from mpc.errors import AuthenticationError, ConfigError, FrameError, PeerFailure, PeerTimeout
@@ -120,7 +122,7 @@ def test_wrong_secret_is_refused_on_both_sides_and_logged(caplog):
     async def main():
         server = await _echo_server()
         try:
-            with pytest.raises(AuthenticationError, match="could not prove membership"):
+            with pytest.raises(AuthenticationError, match="refused the connection: this side's proof did not verify"):
                 await connect(f"ws://127.0.0.1:{_port(server)}", membership=_member("node-a", b"x" * 32),
                               peer_id="hub", options=FAST)
             # The server goes on serving members.
@@ -137,22 +139,62 @@ def test_wrong_secret_is_refused_on_both_sides_and_logged(caplog):
     with caplog.at_level(logging.WARNING, logger="primia.net.auth"):
         reply = asyncio.run(main())
     assert reply.header == {"n": 1}
-    assert any("rejected" in r.getMessage() and "node-a" in r.getMessage() and "secrets" in r.getMessage()
+    assert any("rejected" in r.getMessage() and "node-a" in r.getMessage() and "could not prove" in r.getMessage()
                for r in caplog.records)
 
 
-def test_client_refuses_a_server_that_does_not_know_the_secret():
+def test_client_refuses_a_server_that_cannot_prove_the_secret():
+    """A rogue server that accepts any client and answers with a made-up proof is caught by the client."""
+
+    async def rogue(ws):
+        hello = msgpack.unpackb(await ws.recv())
+        await ws.send(msgpack.packb({"t": "challenge", "id": hello["to"], "nonce": b"n" * 32, "context": "",
+                                     "key": b""}))
+        await ws.recv()  # the client's proof, ignored
+        await ws.send(msgpack.packb({"t": "welcome", "proof": b"p" * 32}))
+        await ws.wait_closed()
+
     async def main():
-        server = await _echo_server(membership=_member("hub", b"y" * 32))
-        try:
-            with pytest.raises(AuthenticationError, match="could not prove membership"):
+        async with ws_serve(rogue, "127.0.0.1", 0) as server:
+            with pytest.raises(AuthenticationError, match="could not prove it is 'hub'"):
                 await connect(f"ws://127.0.0.1:{_port(server)}", membership=_member("node-a"), peer_id="hub",
                               options=FAST)
+
+    asyncio.run(main())
+
+
+def test_server_sends_nothing_that_depends_on_its_secret_before_the_client_proved_itself(monkeypatch):
+    """What an unauthenticated client gets from a server is the same whatever the server's secret:
+    there is nothing in it to test a guessed secret against."""
+    import mpc.net.auth as auth
+
+    monkeypatch.setattr(auth.secrets, "token_bytes", lambda n: b"\x07" * n)  # the same nonces every time
+
+    async def seen_by_guesser(server_secret: bytes) -> list[bytes]:
+        server = await serve(lambda ch: asyncio.sleep(0), "127.0.0.1", 0,
+                             membership=_member("hub", server_secret), options=FAST)
+        received = []
+        try:
+            async with ws_connect(f"ws://127.0.0.1:{_port(server)}", compression=None) as ws:
+                await ws.send(msgpack.packb({"t": "hello", "v": auth.AUTH_VERSION, "id": "eve", "to": "hub",
+                                             "session": "s1", "nonce": b"\x01" * 32}))
+                received.append(await ws.recv())
+                await ws.send(msgpack.packb({"t": "proof", "proof": b"\x00" * 32}))  # a guess
+                try:
+                    received.append(await ws.recv())
+                except ConnectionClosed as exc:
+                    received.append(f"closed {exc.rcvd.code} {exc.rcvd.reason}".encode())
         finally:
             server.close()
             await server.wait_closed()
+        return received
 
-    asyncio.run(main())
+    first = asyncio.run(seen_by_guesser(b"a" * 32))
+    second = asyncio.run(seen_by_guesser(b"b" * 32))
+    assert first == second
+    assert first[-1] == b"closed 1008 bad-proof"
+    challenge = msgpack.unpackb(first[0])
+    assert set(challenge) == {"t", "id", "nonce", "context", "key"}
 
 
 @pytest.mark.parametrize(
@@ -189,13 +231,14 @@ def test_data_before_authentication_is_refused(caplog):
 
     with caplog.at_level(logging.WARNING, logger="primia.net.auth"):
         code = asyncio.run(main())
-    assert code == 1008
-    assert any("oversized hello" in r.getMessage() for r in caplog.records)
+    assert code == 1009  # refused by the pre-authentication message limit, before any of it is buffered
+    assert any("rejected" in r.getMessage() and "exceeds limit of 4096 bytes" in r.getMessage()
+               for r in caplog.records)
 
 
 async def _authenticated_raw(port: int, local_id: str = "rogue"):
     ws = await ws_connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None)
-    await client_handshake(ws, secret=SECRET, local_id=local_id, server_id="hub", session="s1", timeout_s=5)
+    await client_handshake(ws, _member(local_id), "hub", timeout_s=5)
     return ws
 
 
@@ -492,7 +535,7 @@ def test_mesh_malformed_frame_raises_frame_error_naming_the_peer():
         wss = []
         for pid in (1, 2):
             ws = await ws_connect(f"ws://127.0.0.1:{port}", compression=None)
-            await client_handshake(ws, secret=SECRET, local_id=pid, server_id=0, session="s1", timeout_s=5)
+            await client_handshake(ws, _member(pid), 0, timeout_s=5)
             wss.append(ws)
         (valid,) = mpc.net.encode_message("mpc", None, {"x": np.arange(3)}, sender=1, session="s1")
         await wss[0].send(valid)
@@ -655,7 +698,7 @@ def test_primia_party_with_a_wrong_secret_fails_cleanly(tmp_path):
     assert all(p.returncode != 0 for p in procs), outs
     assert "AuthenticationError" in outs[1][1] or "authentication" in outs[1][1].lower()
     # party 0 logged the rejected connection and says why party 1 never joined
-    assert "rejected connection" in outs[0][1] and "secrets" in outs[0][1]
+    assert "rejected connection" in outs[0][1] and "wrong secret" in outs[0][1]
     assert "did not connect" in outs[0][1] and "rejected attempts" in outs[0][1]
     assert "party 1" in outs[2][1]  # the dealer could not join party 1 either (refused, or it was gone)
     assert not (tmp_path / "out0.npy").exists() and not (tmp_path / "out1.npy").exists()  # no half-written output
@@ -700,3 +743,33 @@ def test_comparison_options_reach_the_processes():
         assert stats == ref_stats
     # the generic protocol takes more than FSS's 2 rounds: the option really arrived
     assert got[0][1]["rounds"] > 3
+
+
+def test_a_flood_of_idle_connections_is_shed_while_members_are_served(caplog):
+    """Connections beyond max_unauthenticated are closed at once (1013); idle ones at the handshake deadline;
+    a member connecting during the flood is served."""
+    options = ChannelOptions(connect_timeout_s=20, auth_timeout_s=5, close_timeout_s=2, handshake_deadline_s=1.5,
+                             max_unauthenticated=8)
+
+    async def main():
+        server = await _echo_server(options=options)
+        port = _port(server)
+        try:
+            idle = [await ws_connect(f"ws://127.0.0.1:{port}", compression=None) for _ in range(20)]
+            member = await connect(f"ws://127.0.0.1:{port}", membership=_member("node-a"), peer_id="hub",
+                                   options=options)
+            for ws in idle:
+                await asyncio.wait_for(ws.wait_closed(), 10)
+            await member.send("ping", {"n": 3}, {"a": np.arange(4)})
+            reply = await member.recv()
+            await member.close()
+            return [ws.close_code for ws in idle], reply
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    with caplog.at_level(logging.WARNING, logger="primia.net"):
+        codes, reply = asyncio.run(main())
+    assert reply.header == {"n": 3}
+    assert codes.count(1013) == 12 and codes.count(1008) == 8, codes  # 12 shed at once, 8 timed out
+    assert any("not authenticated within 1.5 s" in r.getMessage() for r in caplog.records)

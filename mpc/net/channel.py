@@ -37,13 +37,16 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.protocol import State
 
 from ..errors import AuthenticationError, FrameError, PeerFailure
-from .auth import AcceptPeer, client_handshake, server_handshake
+from .auth import MAX_AUTH_BYTES, AcceptPeer, ServerBusy, Credentials, Identity, Membership, client_handshake, server_handshake
 from .framing import DirectPayloads, PayloadTarget
+from .tls import peer_binding, server_binding
 from .wire import Limits, Message, PeerId, StreamDecoder, decode_message, encode_message, message_nbytes
 
 __all__ = [
     "ChannelOptions",
     "Membership",
+    "Identity",
+    "Credentials",
     "Channel",
     "ChannelClosed",
     "connect",
@@ -81,6 +84,13 @@ class ChannelOptions:
             into one reused buffer, and the payloads of large binary frames
             straight into their own buffers (:mod:`mpc.net.framing`); False
             falls back to websockets' default connection classes.
+        handshake_deadline_s: a server closes a connection that has not
+            authenticated this long after its websocket opened.
+        max_unauthenticated: connections a server lets authenticate at once;
+            more are closed at once (code 1013, "try again later"), so a flood
+            of idle connections cannot starve the members.  Until it has
+            authenticated, a connection may send messages of at most
+            :data:`PREAUTH_MAX_BYTES` and gets a small read buffer.
     """
 
     connect_timeout_s: float = 60.0
@@ -91,18 +101,20 @@ class ChannelOptions:
     write_limit: int = 1 << 20
     read_size: int = 1 << 20
     buffered_reads: bool = True
+    handshake_deadline_s: float = 20.0
+    max_unauthenticated: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_unauthenticated < 1:
+            raise ValueError("max_unauthenticated must be at least 1")
+        if not self.handshake_deadline_s > 0:
+            raise ValueError("handshake_deadline_s must be positive")
 
 
-@dataclass(frozen=True)
-class Membership:
-    """Who this endpoint is and what proves it belongs: ``local_id``, ``secret``, ``session``."""
-
-    local_id: PeerId
-    secret: bytes
-    session: str
-
-    def __repr__(self) -> str:  # never print the secret
-        return f"Membership(local_id={self.local_id!r}, session={self.session!r})"
+#: largest websocket message accepted before the peer has authenticated (the handshake's are ~300 B)
+PREAUTH_MAX_BYTES = 4 * MAX_AUTH_BYTES
+_PREAUTH_READ_BYTES = 16 << 10
+CLOSE_TRY_AGAIN = 1013
 
 
 class ChannelClosed(PeerFailure):
@@ -137,7 +149,20 @@ def describe_close(exc: ConnectionClosed, peer: object, ping_timeout_s: float | 
     )
 
 
-def _tune(ws: Any, options: ChannelOptions) -> None:
+def _preauth(ws: Any) -> None:
+    """Until the peer has authenticated: small messages only, and a small read buffer."""
+    protocol = getattr(ws, "protocol", None)
+    if protocol is not None and hasattr(protocol, "max_message_size"):
+        protocol.max_message_size = protocol.max_fragment_size = PREAUTH_MAX_BYTES
+    if isinstance(ws, DirectPayloads):
+        ws.read_size = _PREAUTH_READ_BYTES
+
+
+def _tune(ws: Any, limits: Limits, options: ChannelOptions) -> None:
+    """Once the peer has authenticated: the configured message limit and read buffer."""
+    protocol = getattr(ws, "protocol", None)
+    if protocol is not None and hasattr(protocol, "max_message_size"):
+        protocol.max_message_size, protocol.max_fragment_size = limits.websocket_max_size
     if isinstance(ws, DirectPayloads):
         ws.read_size = options.read_size
 
@@ -159,10 +184,12 @@ class Channel:
     (and closes the connection) when the peer sends a malformed message.
     """
 
-    def __init__(self, ws: Any, membership: Membership, peer_id: PeerId, peer_label: str, limits: Limits,
-                 options: ChannelOptions, copier: Executor | None = None):
+    def __init__(self, ws: Any, membership: Credentials, peer_id: PeerId, peer_label: str, limits: Limits,
+                 options: ChannelOptions, copier: Executor | None = None, context: str = ""):
         self.ws = ws
         self.membership = membership
+        #: what the server said in its challenge (a federation hub: its run id)
+        self.context = context
         self.peer_id = peer_id
         self.peer_label = peer_label
         self.limits = limits
@@ -278,6 +305,12 @@ class Channel:
         except UnicodeDecodeError:
             # websockets has already failed the connection (1007).
             raise FrameError(self.peer_label, "text frame with invalid UTF-8") from None
+        except Exception as exc:  # any other failure to decode a peer's bytes is still the peer's malformed frame
+            await fragments.aclose()
+            reason = f"undecodable message ({type(exc).__name__}: {exc})"[:300]
+            log.warning("closing connection to %s: %s", self.peer_label, reason)
+            await self._close(CLOSE_INVALID_DATA, "malformed frame")
+            raise FrameError(self.peer_label, reason) from None
         finally:
             self._expect(None)
         if message.sender != self.peer_id or message.session != self.membership.session:
@@ -334,22 +367,22 @@ def _ws_kwargs(limits: Limits, options: ChannelOptions) -> dict[str, Any]:
 async def connect(
     uri: str,
     *,
-    membership: Membership,
+    membership: Credentials,
     peer_id: PeerId,
     peer_label: str | None = None,
     limits: Limits = Limits(),
     options: ChannelOptions = ChannelOptions(),
     ssl: ssl_module.SSLContext | None = None,
 ) -> Channel:
-    """Dial ``uri`` (``ws://host:port`` or ``wss://...``), retrying, and authenticate as a member.
+    """Dial ``uri`` (``ws://host:port`` or ``wss://...``), retrying, and authenticate to ``peer_id``.
 
     Connection failures (refused, unreachable, handshake timeouts) are retried
     with exponential backoff until ``options.connect_timeout_s``; TLS and
-    membership failures are not retried.
+    authentication failures are not retried.
 
     Raises:
         PeerFailure: the peer could not be reached in time.
-        AuthenticationError: TLS or the membership handshake failed.
+        AuthenticationError: TLS or the authentication handshake failed.
     """
     label = peer_label or f"{peer_id} at {uri}"
     loop = asyncio.get_running_loop()
@@ -361,12 +394,15 @@ async def connect(
             ws = await ws_connect(uri, ssl=ssl, proxy=None, user_agent_header=None,
                                   create_connection=_ClientConnection if options.buffered_reads else None,
                                   **_ws_kwargs(limits, options))
+            _preauth(ws)
+            context = await client_handshake(ws, membership, peer_id, binding=peer_binding(ws),
+                                             timeout_s=options.auth_timeout_s, peer=label)
             break
         except ssl_module.SSLError as exc:
             raise AuthenticationError(f"TLS handshake with {label} failed: {exc}") from None
         except InvalidURI as exc:
             raise PeerFailure(label, f"invalid address {uri!r}: {exc}") from None
-        except (OSError, asyncio.TimeoutError, InvalidHandshake) as exc:
+        except (OSError, asyncio.TimeoutError, InvalidHandshake, ServerBusy) as exc:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise PeerFailure(
@@ -376,17 +412,8 @@ async def connect(
             log.debug("connecting to %s failed (%s); retrying in %.2f s", label, exc, delay)
             await asyncio.sleep(min(delay, remaining))
             delay = min(delay * 2, 2.0)
-    await client_handshake(
-        ws,
-        secret=membership.secret,
-        local_id=membership.local_id,
-        server_id=peer_id,
-        session=membership.session,
-        timeout_s=options.auth_timeout_s,
-        peer=label,
-    )
-    _tune(ws, options)
-    return Channel(ws, membership, peer_id, label, limits, options)
+    _tune(ws, limits, options)
+    return Channel(ws, membership, peer_id, label, limits, options, context=context)
 
 
 Handler = Callable[[Channel], Awaitable[None]]
@@ -397,42 +424,59 @@ async def serve(
     host: str,
     port: int,
     *,
-    membership: Membership,
+    membership: Credentials,
     accept: AcceptPeer = lambda peer_id: None,
     label: Callable[[PeerId, str], str] = lambda peer_id, address: f"{peer_id} at {address}",
     on_reject: Callable[[str], None] | None = None,
+    context: str = "",
     limits: Limits = Limits(),
     options: ChannelOptions = ChannelOptions(),
     ssl: ssl_module.SSLContext | None = None,
 ) -> Server:
     """Listen on ``host:port`` (0: any free port); run ``handler(channel)`` for each authenticated peer.
 
-    ``accept(peer_id)`` returns None to admit a peer or a reason to refuse it;
-    ``on_reject(reason)`` hears about every connection that failed to authenticate.
+    ``accept(peer_id)`` returns None to admit a peer that proved itself, or a
+    reason to refuse it; ``on_reject(reason)`` hears about every connection that
+    failed to authenticate.  ``context`` goes to every client in the challenge.
+    At most ``options.max_unauthenticated`` connections authenticate at once,
+    each within ``options.handshake_deadline_s``; the rest are shed.
     A connection is closed when its handler returns; a handler that raises
     has its connection aborted (code 1011) and the error logged, and the server
     goes on serving everyone else.  Use ``server.close(); await
     server.wait_closed()`` (or ``async with``) to stop.
     """
+    binding = server_binding(ssl)
+    authenticating = 0
 
     async def on_connection(ws: Any) -> None:
+        nonlocal authenticating
         address = "{}:{}".format(*ws.remote_address[:2]) if ws.remote_address else "?"
+        if authenticating >= options.max_unauthenticated:
+            log.warning("shed a connection from %s: %d connections are already authenticating", address,
+                        authenticating)
+            await _close_quietly(ws, CLOSE_TRY_AGAIN, "busy")
+            return
+        authenticating += 1
         try:
-            peer_id = await server_handshake(
-                ws,
-                secret=membership.secret,
-                local_id=membership.local_id,
-                session=membership.session,
-                accept=accept,
-                timeout_s=options.auth_timeout_s,
-                peer=address,
-            )
+            _preauth(ws)
+            async with asyncio.timeout(options.handshake_deadline_s):
+                peer_id = await server_handshake(ws, membership, accept=accept, context=context, binding=binding,
+                                                 timeout_s=options.auth_timeout_s, peer=address)
         except AuthenticationError as exc:
             if on_reject is not None:
                 on_reject(str(exc))
             return  # logged and closed by the handshake
-        _tune(ws, options)
-        channel = Channel(ws, membership, peer_id, label(peer_id, address), limits, options)
+        except TimeoutError:
+            log.warning("closed a connection from %s: not authenticated within %g s", address,
+                        options.handshake_deadline_s)
+            if on_reject is not None:
+                on_reject(f"{address}: not authenticated within {options.handshake_deadline_s:g} s")
+            await _close_quietly(ws, CLOSE_POLICY, "timeout")
+            return
+        finally:
+            authenticating -= 1
+        _tune(ws, limits, options)
+        channel = Channel(ws, membership, peer_id, label(peer_id, address), limits, options, context=context)
         try:
             await handler(channel)
         except (FrameError, ChannelClosed) as exc:
@@ -448,3 +492,10 @@ async def serve(
         create_connection=_ServerConnection if options.buffered_reads else None,
         **_ws_kwargs(limits, options)
     )
+
+
+async def _close_quietly(ws: Any, code: int, reason: str) -> None:
+    try:
+        await ws.close(code, reason)
+    except Exception:  # already gone
+        pass
