@@ -18,7 +18,7 @@ from mpc.errors import PrimiaError
 __all__ = ["main", "COMMANDS"]
 
 #: sub-command module names under ``cli``, in help order
-COMMANDS = ("demo", "node", "dealer", "train", "infer", "party")
+COMMANDS = ("demo", "keygen", "node", "dealer", "train", "infer", "party")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
     )
+    if not args.verbose:  # a line per connection opened or closed drowns what matters
+        logging.getLogger("websockets").setLevel(logging.WARNING)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -1,39 +1,45 @@
 """``primia node``: a data owner's node in one command.
 
-    primia node --data /data/xrays --name hospital-a --port 8781 --token-file node.key
+    primia node --data /data/xrays --name hospital-a --key keys/hospital-a.key \\
+                --hub wss://hub.example.org:8780 --hub-key keys/hub.pub
 
 The folder holds one sub-folder per class (PNG, JPEG, DICOM).  The node checks
-it, names every problem, and then serves the hub named in the federation
-config: it trains when asked and sends only model updates (masked, with secure
-aggregation), never images or labels.
+it, names every problem, then connects out to the hub (no inbound port): it
+proves itself with its key, checks the hub's against the pinned ``hub.pub``,
+trains when asked and sends only model updates (masked, with secure
+aggregation), never images or labels.  It reconnects on its own after a fault
+or a restart.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 from mpc.errors import ConfigError
 
-__all__ = ["register", "TOKEN_ENV"]
-
-TOKEN_ENV = "PRIMIA_NODE_TOKEN"
+__all__ = ["register", "add_client_arguments", "member_setup"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "node",
         help="serve a folder of images to a federation (data owner)",
-        description="Check a folder of images (one sub-folder per class) and serve it to a federation hub. "
-        "Only model updates leave this machine.",
+        description="Check a folder of images (one sub-folder per class) and take part in a federation: connect "
+        "out to the hub, train when asked. Only model updates leave this machine.",
     )
     p.add_argument("--data", required=True, metavar="DIR", help="folder with one sub-folder of images per class")
-    p.add_argument("--name", help="this node's name, as in the hub's federation.nodes (default: the folder's name)")
-    add_listener_arguments(p, port=8781, token_help=f"file holding the secret shared with the hub (or set ${TOKEN_ENV})",
-                           once_help="exit when the first run ends")
+    p.add_argument("--name", help="this node's name, as in the hub's federation.nodes (default: the key file's name)")
+    p.add_argument("--key", metavar="FILE", help="this node's private key (NAME.key from `primia keygen`)")
+    add_client_arguments(p, once_help="exit when the run ends instead of waiting for the next one")
+    p.add_argument("--peer-keys", metavar="DIR",
+                   help="folder of the other nodes' .pub files, checked in secure aggregation (default: the folder "
+                        "of --hub-key)")
+    p.add_argument("--dealer-key", metavar="FILE",
+                   help="the dealer's public key, for aggregation.masking = 'dealer' (default: dealer.pub beside "
+                        "--hub-key, if there is one)")
     p.add_argument("--device", default="cpu", help="torch device for training (cpu, cuda, cuda:1, ...)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--strict", action="store_true", help="treat mixed image sizes or channels as errors")
@@ -41,33 +47,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=main)
 
 
-def add_listener_arguments(p: argparse.ArgumentParser, *, port: int, token_help: str, once_help: str) -> None:
-    """The options of a server the hub dials (``primia node``, ``primia dealer``)."""
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=port, help=f"port to listen on (0: any free port; default {port})")
-    p.add_argument("--token-file", metavar="FILE", help=token_help)
-    p.add_argument("--port-file", metavar="FILE", help="write the port actually bound to this file (JSON)")
+def add_client_arguments(p: argparse.ArgumentParser, *, once_help: str) -> None:
+    """The options of a party that dials the hub (``primia node``, ``primia dealer``)."""
+    p.add_argument("--hub", metavar="URL", help="the hub's address: wss://HOST:PORT (ws:// on this machine)")
+    p.add_argument("--hub-key", metavar="FILE", help="the hub's public key (hub.pub): the only hub this side talks to")
+    p.add_argument("--tls-ca", metavar="FILE", help="CA certificate that signed the hub's TLS certificate (for wss:// "
+                                                    "with your own CA; default: the system's CAs)")
+    p.add_argument("--allow-plaintext", action="store_true",
+                   help="allow ws:// to another machine (unencrypted: only on a network you trust)")
     p.add_argument("--max-message-mib", type=int, default=1024, help="largest message accepted (MiB)")
-    p.add_argument("--tls-cert", metavar="FILE", help="serve wss:// with this certificate (PEM; needs --tls-key)")
-    p.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert (PEM)")
+    p.add_argument("--reconnect-max-s", type=float, default=30.0, metavar="S",
+                   help="longest wait between attempts to reach the hub (backoff from 0.5 s; default 30)")
     p.add_argument("--once", action="store_true", help=once_help)
 
 
-def read_token(token_file: str | None, *, env: str = TOKEN_ENV, what: str = "federation.nodes[].token for this node") -> str:
-    if token_file:
-        try:
-            lines = Path(token_file).read_text(encoding="utf-8").splitlines()
-        except OSError as exc:
-            raise ConfigError(f"--token-file: cannot read {token_file}: {exc.strerror or exc}") from None
-        token = lines[0].strip() if lines else ""
-    else:
-        token = os.environ.get(env, "").strip()
-    if not token:
-        raise ConfigError(
-            f"no secret: pass --token-file FILE or set ${env} (the same secret as the hub's "
-            f"{what}; make one with `openssl rand -hex 32`)"
-        )
-    return token
+def member_setup(args: argparse.Namespace, name: str):
+    """(identity, hub uri, TLS context) for a party that dials the hub, every input checked."""
+    from fl.identity import check_name, load_private_key, load_public_key
+    from fl.transport import client_tls, hub_uri, member_identity
+
+    if not args.key:
+        raise ConfigError("--key: give this party's private key (make one with `primia keygen --name NAME --out keys`)")
+    if not args.hub_key:
+        raise ConfigError("--hub-key: give the hub's public key (hub.pub from the federation's coordinator); this "
+                          "side talks to no other hub")
+    check_name(name, "--name")
+    uri = hub_uri(args.hub, allow_plaintext=args.allow_plaintext)
+    identity = member_identity(name, load_private_key(args.key, what="--key"),
+                               load_public_key(args.hub_key, what="--hub-key"))
+    if args.max_message_mib < 1:
+        raise ConfigError(f"--max-message-mib: {args.max_message_mib} must be at least 1")
+    if not 0.1 <= args.reconnect_max_s <= 3600:
+        raise ConfigError(f"--reconnect-max-s: {args.reconnect_max_s:g} must be between 0.1 and 3600")
+    return identity, uri, client_tls(uri, args.tls_ca)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -80,7 +92,17 @@ def main(args: argparse.Namespace) -> int:
         for problem in scan.problems:
             print(f"  - {problem}")
         return 0
-    token = read_token(args.token_file)
+    from fl.identity import KEY_SUFFIX, Directory, load_public_key
+
+    name = args.name or (Path(args.key).name.removesuffix(KEY_SUFFIX) if args.key else None)
+    if not name:
+        raise ConfigError("--name: give this node's name (as in the hub's federation.nodes)")
+    identity, uri, tls = member_setup(args, name)
+    keys_dir = Path(args.peer_keys) if args.peer_keys else Path(args.hub_key).parent
+    directory = Directory.from_folder(keys_dir, what="--peer-keys") if keys_dir.is_dir() else None
+    dealer_path = Path(args.dealer_key) if args.dealer_key else keys_dir / "dealer.pub"
+    dealer_key = load_public_key(dealer_path, what="--dealer-key") if args.dealer_key or dealer_path.is_file() \
+        else None
     import torch
 
     if args.threads:
@@ -89,20 +111,11 @@ def main(args: argparse.Namespace) -> int:
 
     logging.getLogger("primia").setLevel(logging.INFO)
     try:
-        run_node(
-            args.data,
-            token=token,
-            name=args.name,
-            host=args.host,
-            port=args.port,
-            port_file=args.port_file,
-            device=args.device,
-            strict=args.strict,
-            max_message_mib=args.max_message_mib,
-            once=args.once,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-        )
+        ended = run_node(args.data, hub=uri, identity=identity, directory=directory, dealer_key=dealer_key, name=name,
+                         tls=tls, device=args.device, strict=args.strict, max_message_mib=args.max_message_mib,
+                         once=args.once, reconnect_max_s=args.reconnect_max_s)
     except KeyboardInterrupt:
         print("primia node: stopped", file=sys.stderr)
-    return 0
+        return 0
+    print(f"primia node: {ended}")
+    return 0 if ended.startswith("the hub ended the run") else 1

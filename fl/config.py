@@ -3,7 +3,8 @@
 A configuration has six tables::
 
     [run]          name, rounds, seed, output directory, evaluation cadence
-    [federation]   the nodes (name, address, credentials), dropout policy, timeouts, message limit
+    [federation]   where the hub listens, its key and TLS, the nodes (name, public key), dropout policy,
+                   timeouts and limits
     [model]        a small CNN or a torchvision classification model, by name
     [data]         input size, channels, validation split, normalisation, augmentations
     [training]     local epochs or steps, batch size, optimizer, learning-rate schedule
@@ -22,6 +23,7 @@ through the same checks.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import hashlib
 import json
 import math
@@ -33,9 +35,9 @@ from typing import Any, Callable, Mapping
 from urllib.parse import urlparse
 
 from mpc.errors import ConfigError
-from mpc.net.auth import MIN_SECRET_BYTES
 
 from .augment import build_augmentations
+from .identity import NAME_CHARS, check_name, fingerprint_text, load_private_key, load_public_key
 from .models import SIMPLE_CNN, check_model_name
 
 __all__ = [
@@ -63,12 +65,11 @@ def _key(doc: str, *, choices: tuple = (), lo: float | None = None, hi: float | 
 
 @dataclass(frozen=True)
 class NodeEntry:
-    """One data owner's node: where the hub reaches it and the secret it proves membership with."""
+    """One data owner's node: its name and the public key it proves itself with."""
 
-    name: str = _key("unique node name (letters, digits, '-', '_'); used in metrics and logs")
-    address: str = _key("websocket address of the node, e.g. ws://10.0.0.5:8781")
-    token: str = _key("shared secret for this node (or use token_file)", default="")
-    token_file: str = _key("file holding the shared secret (first line), instead of token", default="")
+    name: str = _key("unique node name (letters, digits, '-', '_', '.'); the node's --name, used in metrics and logs")
+    public_key_file: str = _key("the node's public key, NAME.pub from `primia keygen --name NAME` (relative to this "
+                                "file)")
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,8 @@ class RunConfig:
     name: str = _key("run name, used for the default output directory", default="federation")
     rounds: int = _key("number of federated rounds", default=10, lo=1, hi=100_000)
     seed: int = _key("seed for model initialisation, data splits and shuffling", default=0, lo=0, hi=2**63 - 1)
-    output_dir: str = _key("checkpoints, report and plots go here (default runs/<name>)", default="")
+    output_dir: str = _key("checkpoints, report and plots go here (relative to this file; default runs/<name> in "
+                           "the current folder)", default="")
     evaluate_every: int = _key(
         "evaluate the global model every this many rounds and after the last (0: never)", default=1, lo=0
     )
@@ -92,23 +94,32 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class FederationConfig:
+    listen: str = _key("HOST:PORT the hub listens on for its nodes (and the dealer); port 0 picks a free one "
+                       "(see primia train --port-file)", default="127.0.0.1:8780")
+    key_file: str = _key("the hub's private key, hub.key from `primia keygen --name hub` (relative to this file)",
+                         default="")
     nodes: tuple[NodeEntry, ...] = _key("the nodes, as [[federation.nodes]] tables", default=())
+    dealer_public_key_file: str = _key(
+        "the dealer's public key (dealer.pub) for aggregation.masking = 'dealer'", default="")
+    tls_cert: str = _key("certificate (PEM) the hub serves wss:// with; required off loopback", default="")
+    tls_key: str = _key("private key (PEM) of tls_cert", default="")
+    allow_plaintext: bool = _key("listen without TLS on a non-loopback address (logged as a warning at every "
+                                 "start; only on a network you trust)", default=False)
     min_nodes: int = _key("fewest nodes a round may complete with (0 = 2, or 1 for a one-node federation)", default=0, lo=0)
     on_dropout: str = _key(
         "'continue' the round with the remaining nodes, or 'fail' it", default="continue", choices=("continue", "fail")
     )
-    connect_timeout_s: float = _key("seconds to reach every node at start-up", default=60.0, lo=0.1)
+    connect_timeout_s: float = _key("seconds the hub waits for min_nodes nodes to connect (at start-up, and before "
+                                    "a round that lacks them)", default=300.0, lo=0.1)
+    start_grace_s: float = _key("once min_nodes nodes are connected, seconds to wait for the rest before round 1",
+                                default=10.0, lo=0.0)
     train_timeout_s: float = _key("seconds a node may take to train one round", default=3600.0, lo=0.1)
     reply_timeout_s: float = _key("seconds a node may take for any other reply", default=300.0, lo=0.1)
     max_message_mib: int = _key("largest message accepted, in MiB (websockets max_size)", default=1024, lo=1, hi=65536)
-    tls_ca: str = _key("CA certificate that signed the nodes' certificates, for wss:// addresses", default="")
-    dealer_address: str = _key(
-        "websocket address of the dealer (crypto provider) for aggregation.masking = 'dealer', e.g. ws://10.0.0.9:8790",
-        default="",
-    )
-    dealer_token: str = _key("shared secret for the dealer (or use dealer_token_file)", default="")
-    dealer_token_file: str = _key("file holding the dealer's shared secret (first line), instead of dealer_token",
-                                  default="")
+    handshake_timeout_s: float = _key("seconds a connection may take to authenticate before it is closed",
+                                      default=20.0, lo=0.1)
+    max_unauthenticated: int = _key("connections allowed to authenticate at once; more are turned away (1013) "
+                                    "until some finish", default=64, lo=1, hi=100_000)
 
 
 @dataclass(frozen=True)
@@ -208,6 +219,11 @@ class Config:
     def min_nodes(self) -> int:
         return self.federation.min_nodes or min(2, len(self.federation.nodes))
 
+    @property
+    def listen(self) -> tuple[str, int]:
+        """(host, port) of ``federation.listen`` (checked when the config was read)."""
+        return parse_listen(self.federation.listen, "federation.listen")
+
     def node_spec(self) -> dict[str, Any]:
         """What nodes need to train: every section but ``[federation]``, as plain data."""
         return {name: _as_plain(getattr(self, name)) for name in NODE_SECTIONS}
@@ -264,7 +280,11 @@ def parse_config(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> Con
         raise ConfigError("training.local_steps: give local_epochs or local_steps, not both")
     sections = {name: _parse_section(name, cls, raw.get(name, {})) for name, cls in _SECTIONS.items()}
     cfg = Config(**sections)
-    cfg = replace(cfg, federation=_resolve_tokens(cfg.federation, base_dir or Path(".")))
+    base = base_dir or Path(".")
+    _check_node_names(cfg.federation)
+    cfg = replace(cfg, federation=_resolve_files(cfg.federation, base))
+    if cfg.run.output_dir and not Path(cfg.run.output_dir).expanduser().is_absolute():
+        cfg = replace(cfg, run=replace(cfg.run, output_dir=str(base / Path(cfg.run.output_dir).expanduser())))
     _check_cross(cfg, need_nodes=True)
     return cfg
 
@@ -299,33 +319,60 @@ def _type_name(annotation: Any) -> str:
 def _reject_unknown(table: Mapping[str, Any], known: Any, *, prefix: str) -> None:
     known = list(known)
     for key in table:
+        if key not in known and key in _REMOVED and prefix.startswith("federation"):
+            raise ConfigError(f"{prefix}{key}: no longer used; {_REMOVED[key]} (see docs/federation.md)")
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known keys: {', '.join(known)})"
             raise ConfigError(f"{prefix}{key}: unknown key{hint}")
 
 
+_SECRET_WORDS = ("token", "secret", "password", "passphrase")
+#: keys of earlier versions, and what replaced them
+_REMOVED = {
+    "address": "nodes dial the hub now (primia node --hub ws://HUB:PORT): remove it",
+    "token": "nodes prove themselves with key pairs now: replace it with public_key_file (primia keygen)",
+    "token_file": "nodes prove themselves with key pairs now: replace it with public_key_file (primia keygen)",
+    "tls_ca": "the hub serves TLS now: set tls_cert and tls_key here, and give nodes --tls-ca",
+    "dealer_address": "the dealer dials the hub now: remove it and set dealer_public_key_file",
+    "dealer_token": "the dealer proves itself with a key pair now: set dealer_public_key_file",
+    "dealer_token_file": "the dealer proves itself with a key pair now: set dealer_public_key_file",
+}
+
+
+def _shown(key: str, value: Any) -> str:
+    """A value as error messages may show it: never a secret, never a whole table."""
+    if any(word in key.rsplit(".", 1)[-1].lower() for word in _SECRET_WORDS):
+        return "<hidden>"
+    if isinstance(value, Mapping):
+        return f"a table (keys: {', '.join(map(str, list(value)[:8]))})"
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (Mapping, list, tuple)) for v in value):
+        return f"a list of {len(value)} items"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _as_int(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer, got {_shown(key, value)}")
     return value
 
 
 def _as_float(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        raise ConfigError(f"{key}: expected a finite number, got {_shown(key, value)}")
     return float(value)
 
 
 def _as_bool(key: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {_shown(key, value)}")
     return value
 
 
 def _as_str(key: str, value: Any) -> str:
     if not isinstance(value, str):
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(f"{key}: expected a string, got {_shown(key, value)}")
     return value
 
 
@@ -333,25 +380,26 @@ def _as_floats(key: str, value: Any) -> tuple[float, ...]:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = [value]
     if not isinstance(value, (list, tuple)) or not value:
-        raise ConfigError(f"{key}: expected a number or a non-empty list of numbers, got {value!r}")
+        raise ConfigError(f"{key}: expected a number or a non-empty list of numbers, got {_shown(key, value)}")
     return tuple(_as_float(f"{key}[{i}]", v) for i, v in enumerate(value))
 
 
 def _as_nodes(key: str, value: Any) -> tuple[NodeEntry, ...]:
     if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"{key}: expected [[{key}]] tables, got {value!r}")
+        raise ConfigError(f"{key}: expected [[{key}]] tables (one per node, each with name and public_key_file), "
+                          f"got {_shown(key, value)}")
     nodes = []
     for i, item in enumerate(value):
         where = f"{key}[{i}]"
         if not isinstance(item, Mapping):
-            raise ConfigError(f"{where}: expected a table with name, address and token, got {item!r}")
+            raise ConfigError(f"{where}: expected a table with name and public_key_file, got {_shown(where, item)}")
         nodes.append(_parse_section(where, NodeEntry, item, prefix=f"{where}."))
     return tuple(nodes)
 
 
 def _as_augmentations(key: str, value: Any) -> tuple[Augmentation, ...]:
     if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"{key}: expected [[{key}]] tables, got {value!r}")
+        raise ConfigError(f"{key}: expected [[{key}]] tables, got {_shown(key, value)}")
     out = []
     for i, item in enumerate(value):
         where = f"{key}[{i}]"
@@ -384,13 +432,14 @@ def _check_plain_value(key: str, value: Any) -> None:
         for i, v in enumerate(value):
             _check_plain_value(f"{key}[{i}]", v)
         return
-    raise ConfigError(f"{key}: transform arguments must be numbers, strings, booleans or lists, got {value!r}")
+    raise ConfigError(f"{key}: transform arguments must be numbers, strings, booleans or lists, got "
+                      f"{_shown(key, value)}")
 
 
 def _parse_section(name: str, cls: type, table: Any, *, prefix: str | None = None) -> Any:
     prefix = f"{name}." if prefix is None else prefix
     if not isinstance(table, Mapping):
-        raise ConfigError(f"{name}: expected a table, got {table!r}")
+        raise ConfigError(f"{name}: expected a table, got {_shown(name, table)}")
     by_name = {f.name: f for f in fields(cls)}
     _reject_unknown(table, by_name, prefix=prefix)
     values = {}
@@ -401,7 +450,7 @@ def _parse_section(name: str, cls: type, table: Any, *, prefix: str | None = Non
         meta = f.metadata
         if meta.get("choices") and checked not in meta["choices"]:
             allowed = ", ".join(repr(c) for c in meta["choices"])
-            raise ConfigError(f"{dotted}: {checked!r} is not allowed; choose one of {allowed}")
+            raise ConfigError(f"{dotted}: {_shown(dotted, checked)} is not allowed; choose one of {allowed}")
         if isinstance(checked, (int, float)) and not isinstance(checked, bool):
             if meta.get("lo") is not None and checked < meta["lo"]:
                 raise ConfigError(f"{dotted}: {checked!r} is below the minimum {meta['lo']}")
@@ -414,56 +463,88 @@ def _parse_section(name: str, cls: type, table: Any, *, prefix: str | None = Non
     return cls(**values)
 
 
-def _resolve_tokens(fed: FederationConfig, base_dir: Path) -> FederationConfig:
-    if fed.tls_ca:
-        ca = Path(fed.tls_ca)
-        fed = replace(fed, tls_ca=str(ca if ca.is_absolute() else base_dir / ca))
-    nodes = []
+#: names no node may take: the hub's and the dealer's identities
+RESERVED_NAMES = ("hub", "dealer")
+_LOOPBACK_NAMES = ("localhost",)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine only (127.0.0.0/8, ::1, localhost): plaintext is allowed there."""
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_listen(value: Any, key: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as (host, port), port in 0..65535.
+
+    Raises:
+        ConfigError: naming ``key``, what is wrong and what it should look like.
+    """
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected \"HOST:PORT\" (e.g. \"0.0.0.0:8780\"), got {value!r:.80}")
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"{key}: {value!r:.80} must look like HOST:PORT, e.g. \"0.0.0.0:8780\" or \"[::1]:8780\"")
+    number = int(port)
+    if not 0 <= number <= 65535:
+        raise ConfigError(f"{key}: port {number} is outside 0..65535 (0 picks a free port)")
+    return host, number
+
+
+def _check_node_names(fed: FederationConfig) -> None:
+    names = [n.name for n in fed.nodes]
     for i, node in enumerate(fed.nodes):
-        where = f"federation.nodes[{i}]."
-        token = _read_secret(where + "token", node.token, where + "token_file", node.token_file, base_dir,
-                             "the node's shared secret")
-        nodes.append(replace(node, token=token, token_file=""))
-    fed = replace(fed, nodes=tuple(nodes))
-    if fed.dealer_address or fed.dealer_token or fed.dealer_token_file:
-        token = _read_secret("federation.dealer_token", fed.dealer_token, "federation.dealer_token_file",
-                             fed.dealer_token_file, base_dir, "the dealer's shared secret")
-        fed = replace(fed, dealer_token=token, dealer_token_file="")
-    return fed
+        check_name(node.name, f"federation.nodes[{i}].name")
+        if node.name in RESERVED_NAMES:
+            raise ConfigError(f"federation.nodes[{i}].name: {node.name!r} is reserved for the {node.name}; "
+                              "choose another name")
+        if node.name in names[:i]:
+            raise ConfigError(f"federation.nodes[{i}].name: {node.name!r} is used twice; node names must be unique")
 
 
-def _read_secret(key: str, token: str, file_key: str, token_file: str, base_dir: Path, what: str) -> str:
-    if token and token_file:
-        raise ConfigError(f"{key}: give {key.rsplit('.', 1)[-1]} or {file_key.rsplit('.', 1)[-1]}, not both")
-    if token_file:
-        path = Path(token_file)
-        path = path if path.is_absolute() else base_dir / path
-        try:
-            token = path.read_text(encoding="utf-8").splitlines()[0].strip() if path.stat().st_size else ""
-        except OSError as exc:
-            raise ConfigError(f"{file_key}: cannot read {path}: {exc.strerror or exc}") from exc
-    if not token:
-        raise ConfigError(f"{key}: missing; give {what} as {key.rsplit('.', 1)[-1]} or {file_key.rsplit('.', 1)[-1]}")
-    if len(token.encode("utf-8")) < MIN_SECRET_BYTES:
-        raise ConfigError(
-            f"{key}: the secret has {len(token.encode('utf-8'))} bytes; use at least {MIN_SECRET_BYTES} "
-            "(make one with `openssl rand -hex 32`)"
-        )
-    return token
+def _resolve_files(fed: FederationConfig, base_dir: Path) -> FederationConfig:
+    """Paths made absolute (relative to the config file) and every key file read once, so that a missing or
+    wrong file is named now, not when the first node connects."""
+
+    def path(value: str) -> str:
+        p = Path(value).expanduser()
+        return str(p if p.is_absolute() else base_dir / p)
+
+    updates: dict[str, Any] = {}
+    if not fed.key_file:
+        raise ConfigError("federation.key_file: missing; make the hub's key pair with `primia keygen --name hub "
+                          "--out keys` and set key_file = \"keys/hub.key\"")
+    for key in ("key_file", "tls_cert", "tls_key", "dealer_public_key_file"):
+        if getattr(fed, key):
+            updates[key] = path(getattr(fed, key))
+    load_private_key(updates["key_file"], what="federation.key_file")
+    nodes, seen = [], {}
+    for i, node in enumerate(fed.nodes):
+        where = f"federation.nodes[{i}]"
+        public = load_public_key(path(node.public_key_file), what=f"{where}.public_key_file")
+        printed = fingerprint_text(public)
+        if printed in seen:
+            raise ConfigError(f"{where}.public_key_file: the same key as {seen[printed]}: one node is listed twice "
+                              "under two names; give each node its own key pair (`primia keygen --name NAME`)")
+        seen[printed] = f"federation.nodes[{i}] ({node.name!r})"
+        nodes.append(replace(node, public_key_file=path(node.public_key_file)))
+    updates["nodes"] = tuple(nodes)
+    if "dealer_public_key_file" in updates:
+        load_public_key(updates["dealer_public_key_file"], what="federation.dealer_public_key_file")
+    return replace(fed, **updates)
 
 
-_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
-
-
-def _check_address(key: str, address: str, who: str, tls_ca: str) -> None:
-    url = urlparse(address)
-    if url.scheme not in ("ws", "wss") or not url.hostname or url.port is None:
-        raise ConfigError(f"{key}: {address!r} must look like ws://HOST:PORT or wss://HOST:PORT")
-    if url.scheme == "wss" and not tls_ca:
-        raise ConfigError(
-            f"federation.tls_ca: missing; {who} is reached over wss://, so give the CA certificate that signed its "
-            "certificate"
-        )
+def _check_run_name(name: str) -> None:
+    """The default output folder is runs/<name>: the name must stay inside runs/."""
+    if not name or not set(name) <= NAME_CHARS or name.startswith(".") or len(name) > 128:
+        raise ConfigError(f"run.name: {name!r:.80} must be letters, digits, '-', '_' or '.' (not starting with '.'), "
+                          "since it names the folder runs/<name>; set run.output_dir for any other place")
 
 
 def _check_cross(cfg: Config, *, need_nodes: bool) -> None:
@@ -471,35 +552,43 @@ def _check_cross(cfg: Config, *, need_nodes: bool) -> None:
     fed, train, data = cfg.federation, cfg.training, cfg.data
     if need_nodes:
         if not fed.nodes:
-            raise ConfigError("federation.nodes: missing; add one [[federation.nodes]] table per node")
-        names = [n.name for n in fed.nodes]
-        for i, node in enumerate(fed.nodes):
-            if not node.name or not set(node.name) <= _NAME_CHARS or len(node.name) > 64:
-                raise ConfigError(f"federation.nodes[{i}].name: {node.name!r} must be 1-64 letters, digits, '-', '_' or '.'")
-            if node.name in names[:i]:
-                raise ConfigError(f"federation.nodes[{i}].name: {node.name!r} is used twice; node names must be unique")
-            _check_address(f"federation.nodes[{i}].address", node.address, f"node {node.name}", fed.tls_ca)
+            raise ConfigError("federation.nodes: missing; add one [[federation.nodes]] table (name, public_key_file) "
+                              "per node")
+        host, _ = parse_listen(fed.listen, "federation.listen")
+        if bool(fed.tls_cert) != bool(fed.tls_key):
+            raise ConfigError("federation.tls_cert, tls_key: give both (the certificate and its private key) or neither")
+        if not fed.tls_cert and not is_loopback(host) and not fed.allow_plaintext:
+            raise ConfigError(
+                f"federation.listen: {host} is reachable from other machines, so the hub needs TLS: set "
+                "federation.tls_cert and tls_key (docs/federation.md shows how to make them); without TLS an "
+                "on-path attacker could read and rewrite every message.  Set allow_plaintext = true only on a "
+                "network you trust."
+            )
         if fed.min_nodes > len(fed.nodes):
             raise ConfigError(
                 f"federation.min_nodes: {fed.min_nodes} is more than the {len(fed.nodes)} configured nodes"
             )
         dealer = cfg.aggregation.secure and cfg.aggregation.masking == "dealer"
-        if dealer and not fed.dealer_address:
+        if dealer and not fed.dealer_public_key_file:
             raise ConfigError(
-                "federation.dealer_address: missing; aggregation.masking = 'dealer' needs a dealer (start one with "
-                "`primia dealer --port 8790 --token-file dealer.key`) or use masking = 'pairwise'"
+                "federation.dealer_public_key_file: missing; aggregation.masking = 'dealer' needs a dealer: make its "
+                "keys with `primia keygen --name dealer`, set dealer_public_key_file = \"keys/dealer.pub\" and start "
+                "`primia dealer` (or use masking = 'pairwise')"
             )
-        if fed.dealer_address:
-            if not dealer:
-                raise ConfigError(
-                    "federation.dealer_address: only used with aggregation.secure = true and masking = 'dealer'; "
-                    "remove it or set aggregation.masking = 'dealer'"
-                )
-            _check_address("federation.dealer_address", fed.dealer_address, "the dealer", fed.tls_ca)
+        if fed.dealer_public_key_file and not dealer:
+            raise ConfigError(
+                "federation.dealer_public_key_file: only used with aggregation.secure = true and masking = 'dealer'; "
+                "remove it or set aggregation.masking = 'dealer'"
+            )
         if cfg.aggregation.secure and len(fed.nodes) < 2:
             raise ConfigError(
                 "aggregation.secure: needs at least two nodes (the sum of one update is that update); "
                 "add a node or set aggregation.secure = false"
+            )
+        if cfg.aggregation.secure and fed.min_nodes == 1:
+            raise ConfigError(
+                "federation.min_nodes: 1 is not possible with secure aggregation, which sums at least two updates "
+                "(a sum of one is that update); set min_nodes = 2 or more, or aggregation.secure = false"
             )
     if len(train.betas) != 2 or not all(0.0 <= b < 1.0 for b in train.betas):
         raise ConfigError(f"training.betas: expected two numbers in [0, 1), got {list(train.betas)}")
@@ -509,6 +598,9 @@ def _check_cross(cfg: Config, *, need_nodes: bool) -> None:
         values = getattr(data, key)
         if len(values) not in (1, 3):
             raise ConfigError(f"data.{key}: expected 1 value (all channels) or 3 (RGB), got {len(values)}")
+        if data.channels == 1 and len(values) == 3:
+            raise ConfigError(f"data.{key}: 3 values (RGB) but data.channels = 1 (grayscale); give one value, or "
+                              "set data.channels = 3")
     if any(s <= 0 for s in data.std):
         raise ConfigError(f"data.std: every value must be positive, got {list(data.std)}")
     agg = cfg.aggregation
@@ -527,5 +619,7 @@ def _check_cross(cfg: Config, *, need_nodes: bool) -> None:
             f"use at most {agg.ring_bits - 8} or set aggregation.ring_bits = 64"
         )
     check_model_name(cfg.model.name, key="model.name")
+    if not cfg.run.output_dir:
+        _check_run_name(cfg.run.name)
     if data.augmentations:
         build_augmentations(data.augmentations, input_size=data.input_size, channels=data.channels or 1)

@@ -3,20 +3,22 @@
 With ``aggregation.masking = 'dealer'`` (PriMIA's design, where a crypto
 provider took part in every secure aggregation) each node masks its update
 with one stream PRG(s_i) whose seed it shares with the dealer through X25519,
-and the dealer sends the hub Σ_{i in U} PRG(s_i) for the included nodes U, once
-per round (:class:`fl.secagg.DealerSecAgg`).  The dealer never receives an
+and the dealer sends the hub Σ_{i in U} PRG(s_i) for the survivors U, once per
+round (:class:`fl.dealer_masking.DealerRound`).  The dealer never receives an
 update, masked or not, and no image; the hub never learns a single node's mask.
-The price is a third party that must not collude with the hub; in return a node
-expands one mask instead of one per partner, and a node lost after uploading
-costs nothing.
 
-``run_dealer(...)`` (what ``primia dealer`` calls) listens on ``host:port`` and
-serves one hub at a time (a new connection replaces the old one, as for nodes).
+``run_dealer(...)`` (what ``primia dealer`` calls) dials the hub, like a node,
+and reconnects after a fault.  It signs its key for each round with its
+long-term key (which the nodes pin), and accepts a round's roster only of the
+federation's nodes (the ``.pub`` files it was given), each key signed by its
+owner; it answers one mask sum per round, only for a survivor set that enough
+of its members signed.
+
 :class:`DealerSession` is the protocol, free of I/O: messages in, replies and
 work for the worker thread out.  Hub -> dealer: ``dealer_keys`` (a fresh key
-for a round), ``dealer_roster`` (the nodes' keys: start expanding), ``unmask``
-(U and D: send the mask sum), ``bye``.  Dealer -> hub: ``dealer_key``,
-``mask_sum``, ``error``.
+for a round), ``dealer_roster`` (the nodes' signed keys: start expanding),
+``unmask`` (U, D and the survivors' signatures: send the mask sum), ``bye``.
+Dealer -> hub: ``dealer_key``, ``mask_sum``, ``error``.
 """
 
 from __future__ import annotations
@@ -26,18 +28,21 @@ import concurrent.futures
 import logging
 import ssl
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from mpc.errors import FrameError, PeerFailure, PrimiaError, ProtocolError
-from mpc.net.channel import Channel
-from mpc.net.tls import server_context
+from mpc.net.channel import Channel, connect
 
-from .messages import PROTOCOL_VERSION, Kind, Message, check
-from .secagg import DealerSecAgg
-from .transport import DEALER_ID, limits_for, listen_for_hub, membership, port_file_writer, recv, send
+from .dealer_masking import DealerRound, Kind
+from .identity import Directory, sign_statement
+from .messages import PROTOCOL_VERSION, Message, check
+from .messages import Kind as Common
+from .node import Backoff
+from .transport import HUB_ID, limits_for, options_for, recv, send
 
-__all__ = ["DealerSession", "DealerServer", "run_dealer"]
+__all__ = ["DealerSession", "DealerClient", "run_dealer"]
 
 log = logging.getLogger("primia.dealer")
 
@@ -69,22 +74,29 @@ Action = Reply | Compute | Close
 class DealerSession:
     """One hub connection's dealer protocol (see the module docstring).
 
-    Every round starts with ``dealer_keys`` and a fresh :class:`DealerSecAgg`;
-    a new round abandons an unfinished one (its keys are dropped, nothing was
-    revealed).  A bad message raises :class:`mpc.errors.ProtocolError`.
+    Every round starts with ``dealer_keys`` and a fresh :class:`DealerRound`; a
+    new round abandons an unfinished one (its key is dropped, nothing was
+    revealed).  ``answered`` is shared by every session of one dealer: a round
+    of a run is answered once, whichever connection asks.  A bad message raises
+    :class:`mpc.errors.ProtocolError`.
     """
 
-    def __init__(self, peer: str = "hub", *, max_message_bytes: int = 1 << 30):
+    def __init__(self, *, run_id: str, key: Ed25519PrivateKey, directory: Directory, peer: str = "hub",
+                 max_message_bytes: int = 1 << 30, answered: dict[tuple[str, int], list[str]] | None = None):
+        self.run_id = run_id
+        self.key = key
+        self.directory = directory
         self.peer = peer
         self.max_message_bytes = max_message_bytes
-        self.round: DealerSecAgg | None = None
+        self.answered = answered if answered is not None else {}
+        self.round: DealerRound | None = None
 
     def receive(self, msg: Message) -> list[Action]:
-        if msg.kind == Kind.BYE:
+        if msg.kind == Common.BYE:
             return [Close("the hub said goodbye")]
-        if msg.kind == Kind.ERROR:
+        if msg.kind == Common.ERROR:
             reason = msg.header.get("reason")
-            return [Close(f"the hub reported: {reason if isinstance(reason, str) else 'an error'}")]
+            return [Close(f"the hub reported: {reason[:2000] if isinstance(reason, str) else 'an error'}")]
         handler = {
             Kind.DEALER_KEYS: self._on_keys,
             Kind.DEALER_ROSTER: self._on_roster,
@@ -96,22 +108,28 @@ class DealerSession:
 
     def _on_keys(self, msg: Message) -> list[Action]:
         check(msg, self.peer, Kind.DEALER_KEYS,
-              {"protocol": int, "round": int, "context": bytes, "size": int, "ring_bits": int})
+              {"protocol": int, "round": int, "context": bytes, "size": int, "ring_bits": int, "min_nodes": int})
         h = msg.header
         if h["protocol"] != PROTOCOL_VERSION:
             raise ProtocolError(self.peer, f"speaks protocol {h['protocol']}, this dealer {PROTOCOL_VERSION}; "
                                            "run the same primia version on the hub and the dealer")
+        if (self.run_id, h["round"]) in self.answered:
+            raise ProtocolError(self.peer, f"asks again for round {h['round']} of run {self.run_id}, which this "
+                                           "dealer has answered already: a second sum could expose an update")
         if h["ring_bits"] in (32, 64) and h["size"] * h["ring_bits"] // 8 > self.max_message_bytes - _HEADROOM:
             need = (h["size"] * h["ring_bits"] // 8 + _HEADROOM) / 2**20
             raise ProtocolError(self.peer, f"asks for mask sums of {h['size']:,} values, {need:,.0f} MiB per message, "
                                            f"above this dealer's limit; restart it with --max-message-mib {need:.0f} "
                                            "or more (as the hub's federation.max_message_mib)")
-        self.round = DealerSecAgg(h["round"], h["context"], h["size"], h["ring_bits"])
-        return [Reply(Message(Kind.DEALER_KEY, {"round": h["round"], "key": self.round.public_key()}))]
+        self.round = state = DealerRound(self.run_id, h["round"], h["context"], h["size"], h["ring_bits"],
+                                         h["min_nodes"], self.directory)
+        signature = sign_statement(self.key, *state.statement())
+        return [Reply(Message(Kind.DEALER_KEY, {"round": h["round"], "key": state.public_key(),
+                                                "signature": signature}))]
 
-    def _current(self, msg: Message) -> DealerSecAgg:
+    def _current(self, msg: Message) -> DealerRound:
         if self.round is None or msg.header["round"] != self.round.round:
-            raise ProtocolError(self.peer, f"sent {msg.kind} for round {msg.header['round']}, which has no keys here")
+            raise ProtocolError(self.peer, f"sent {msg.kind} for round {msg.header['round']}, which has no key here")
         return self.round
 
     def _on_roster(self, msg: Message) -> list[Action]:
@@ -121,52 +139,66 @@ class DealerSession:
         return [Compute(state.expand, lambda _: [])]
 
     def _on_unmask(self, msg: Message) -> list[Action]:
-        check(msg, self.peer, Kind.UNMASK, {"round": int, "included": list, "dropped": list})
+        check(msg, self.peer, Kind.UNMASK, {"round": int, "included": list, "dropped": list, "signatures": dict})
         state = self._current(msg)
         h = msg.header
         if not all(isinstance(n, str) for n in [*h["included"], *h["dropped"]]):
             raise ProtocolError(self.peer, "unmask: node names must be strings")
-        included, dropped, number = list(h["included"]), list(h["dropped"]), state.round
+        included, dropped, signatures, number = list(h["included"]), list(h["dropped"]), h["signatures"], state.round
+        state.check_unmask(included, dropped, signatures)  # refused here, before anything is computed
         self.round = None  # one answer per round
-        log.info("round %d: mask sum over %d nodes (%d dropped)", number, len(included), len(dropped))
+        self.answered[(self.run_id, number)] = sorted(included)
+        log.info("round %d: mask sum over %d nodes (%d dropped), %d signatures", number, len(included), len(dropped),
+                 len(signatures))
 
         def answer(total: Any) -> list[Message]:
             return [Message(Kind.MASK_SUM, {"round": number}, {"sum": total})]
 
-        return [Compute(lambda: state.mask_sum(included, dropped), answer)]
+        return [Compute(lambda: state.mask_sum(included, dropped, signatures), answer)]
 
 
-class DealerServer:
-    """Serves the dealer protocol to whichever authenticated hub connects."""
+class DealerClient:
+    """Dials the hub and serves the dealer protocol, reconnecting until the run ends (``once``) or forever."""
 
-    def __init__(self, *, token: str, max_message_mib: int = 1024, once: bool = False,
-                 tls: ssl.SSLContext | None = None):
-        self.membership = membership(DEALER_ID, token, what="dealer token")
+    def __init__(self, *, identity: Any, directory: Directory, hub: str, tls: ssl.SSLContext | None = None,
+                 max_message_mib: int = 1024, once: bool = False, reconnect_max_s: float = 30.0):
+        self.identity = identity
+        self.directory = directory
+        self.hub = hub
+        self.tls = tls
         self.limits = limits_for(max_message_mib)
         self.once = once
-        self.tls = tls
         self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="primia-dealer")
-        self.stopped = asyncio.Event()
-        self._current: Channel | None = None
+        self.answered: dict[tuple[str, int], list[str]] = {}
+        self.backoff = Backoff(cap=reconnect_max_s)
 
-    async def serve(self, host: str, port: int, on_ready: Callable[[int], None] = lambda port: None) -> None:
-        server, bound = await listen_for_hub(self._handle, host, port, who="the dealer", membership=self.membership,
-                                             limits=self.limits, tls=self.tls)
-        log.info("dealer on %s://%s:%d", "wss" if self.tls else "ws", host, bound)
-        on_ready(bound)
+    async def run(self) -> str:
+        log.info("dealer for %d node(s) (%s); connecting to the hub at %s", len(self.directory.names()),
+                 ", ".join(self.directory.names()), self.hub)
         try:
-            await self.stopped.wait()
+            while True:
+                try:
+                    channel = await connect(self.hub, membership=self.identity, peer_id=HUB_ID,
+                                            peer_label=f"the hub at {self.hub}", limits=self.limits,
+                                            options=options_for(connect_timeout_s=self.backoff.cap), ssl=self.tls)
+                except PeerFailure as exc:
+                    delay = self.backoff.next()
+                    log.info("the hub is not reachable (%s); trying again in %.1f s", exc.reason, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                self.backoff.reset()
+                log.info("connected to the hub (run %s)", channel.context or "?")
+                ended = await self._serve(channel)
+                if ended is not None and self.once:
+                    return ended
+                await asyncio.sleep(self.backoff.next())
         finally:
-            server.close()
-            await server.wait_closed()
             self.worker.shutdown(wait=False, cancel_futures=True)
 
-    async def _handle(self, channel: Channel) -> None:
-        previous, self._current = self._current, channel
-        if previous is not None:
-            log.info("a new hub connection replaces the previous one")
-            await previous.abort("replaced by a new hub connection")
-        session = DealerSession(peer=channel.peer_label, max_message_bytes=self.limits.max_message_bytes)
+    async def _serve(self, channel: Channel) -> str | None:
+        session = DealerSession(run_id=channel.context, key=self.identity.private_key, directory=self.directory,
+                                peer=channel.peer_label, max_message_bytes=self.limits.max_message_bytes,
+                                answered=self.answered)
         loop = asyncio.get_running_loop()
         try:
             while True:
@@ -174,11 +206,15 @@ class DealerServer:
                     msg, _ = await recv(channel)
                     actions = session.receive(msg)
                 except (PeerFailure, FrameError) as exc:
-                    log.info("hub connection ended: %s", getattr(exc, "reason", exc))
-                    return
+                    log.warning("the hub connection ended: %s", getattr(exc, "reason", exc))
+                    return None
                 except PrimiaError as exc:
                     await _refuse(channel, exc)
-                    return
+                    return None
+                except Exception as exc:  # noqa: BLE001 - a malformed value no check anticipated: the hub's fault
+                    await _refuse(channel, ProtocolError(session.peer, f"malformed {getattr(msg, 'kind', '?')!r} "
+                                                                       f"({type(exc).__name__}: {exc})"))
+                    return None
                 for action in actions:
                     if isinstance(action, Reply):
                         await send(channel, action.message)
@@ -187,40 +223,31 @@ class DealerServer:
                             result = await loop.run_in_executor(self.worker, action.call)
                         except PrimiaError as exc:
                             await _refuse(channel, exc)
-                            return
+                            return None
                         for message in action.then(result):
                             await send(channel, message)
                     else:
                         log.info("closing the hub connection: %s", action.reason)
-                        await channel.close(action.reason)
-                        return
+                        await channel.close(action.reason[:100])
+                        return action.reason
         except PeerFailure as exc:
-            log.info("hub connection ended: %s", getattr(exc, "reason", exc))
-        finally:
-            if self._current is channel:
-                self._current = None
-                if self.once:
-                    self.stopped.set()
+            log.warning("the hub connection ended: %s", getattr(exc, "reason", exc))
+            return None
 
 
 async def _refuse(channel: Channel, exc: PrimiaError) -> None:
-    """A bad request: tell the hub why (its run fails with the reason) and drop the connection."""
+    """A bad request: tell the hub why (its round fails with the reason) and drop the connection."""
     log.warning("%s", exc)
     try:
-        await send(channel, Message(Kind.ERROR, {"reason": str(exc)[:2000]}))
+        await send(channel, Message(Common.ERROR, {"reason": str(exc)[:2000]}))
     except PeerFailure:
         pass
     await channel.abort("protocol error")
 
 
-def run_dealer(*, token: str, host: str = "127.0.0.1", port: int = 8790, port_file: str | Path | None = None,
-               max_message_mib: int = 1024, once: bool = False, tls_cert: str | None = None,
-               tls_key: str | None = None) -> None:
-    """Serve as a federation's aggregation dealer until stopped (blocking).
-
-    Raises:
-        ConfigError: the token is too short, the TLS files cannot be loaded, or the port cannot be used.
-    """
-    tls = server_context(tls_cert, tls_key) if tls_cert or tls_key else None
-    server = DealerServer(token=token, max_message_mib=max_message_mib, once=once, tls=tls)
-    asyncio.run(server.serve(host, port, port_file_writer(port_file)))
+def run_dealer(*, hub: str, identity: Any, directory: Directory, tls: ssl.SSLContext | None = None,
+               max_message_mib: int = 1024, once: bool = False, reconnect_max_s: float = 30.0) -> str:
+    """Serve as a federation's aggregation dealer until stopped, or until the run ends with ``once`` (blocking)."""
+    client = DealerClient(identity=identity, directory=directory, hub=hub, tls=tls, max_message_mib=max_message_mib,
+                          once=once, reconnect_max_s=reconnect_max_s)
+    return asyncio.run(client.run())

@@ -3,10 +3,12 @@
 1. Writes scikit-learn's bundled digits (1,797 grayscale 8x8 images, nothing
    downloaded) as PNG files: 20 % held out for testing, the rest split
    unevenly (50 / 30 / 20 %) across three nodes' class folders.
-2. Writes a secret per node and a ``federation.toml`` (secure aggregation on).
-3. Starts three ``primia node`` processes on 127.0.0.1 (free ports).
-4. Runs the hub here: federated training with secure aggregation, metrics per
-   round, checkpoints, the report and plots.
+2. Makes a key pair for the hub and each node (``primia keygen``) and writes a
+   ``federation.toml`` (secure aggregation on).
+3. Starts the hub here, listening on 127.0.0.1 (a free port), then three
+   ``primia node`` processes that connect out to it, as hospitals would.
+4. Federated training with secure aggregation, metrics per round,
+   checkpoints, the report and plots.
 5. Tests the final model on the held-out images, then classifies a few of
    them by encrypted inference (:func:`bridge.infer_local`) and compares with
    the plaintext predictions.
@@ -21,10 +23,10 @@ import importlib.util
 import json
 import logging
 import os
-import secrets
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["NODE_NAMES", "NODE_FRACTIONS", "load_digits", "write_digits", "start_nodes", "start_dealer", "stop_nodes", "write_config", "run_demo"]
+__all__ = ["NODE_NAMES", "NODE_FRACTIONS", "load_digits", "write_digits", "make_keys", "start_hub", "wait_for_hub",
+           "start_nodes", "start_dealer", "stop_nodes", "write_config", "run_demo"]
 
 log = logging.getLogger("primia.demo")
 
@@ -85,55 +88,90 @@ def write_digits(root: Path, *, names: tuple[str, ...] = NODE_NAMES, fractions: 
     }
 
 
-def start_nodes(out: Path, data: Path, names: tuple[str, ...], *, threads: int = 1,
-                once: bool = True) -> dict[str, dict[str, Any]]:
-    """Start one ``primia node`` process per name on a free port; returns name -> process, port, token file.
+def make_keys(keys: Path, names: tuple[str, ...], *, dealer: bool = False) -> Path:
+    """Key pairs for the hub, every node (and the dealer) in ``keys``, as ``primia keygen`` makes them."""
+    from .identity import generate_keys
 
-    With ``once`` each node exits when its first hub connection ends.
+    for name in ("hub", *names, *(["dealer"] if dealer else [])):
+        generate_keys(name, keys, force=True)
+    return keys
+
+
+def start_hub(config: Path, *, resume: bool = False, progress: bool | None = False,
+              observer: Any = None) -> dict[str, Any]:
+    """The hub of ``config`` in a thread of this process; returns once it listens: {"thread", "port", "result"}
+    (``result`` gets "report" or "error" when the run ends)."""
+    from .config import load_config
+    from .hub import run_hub
+
+    cfg = load_config(config)
+    listening = threading.Event()
+    started: dict[str, Any] = {"result": {}}
+
+    def observe(event: str, info: dict[str, Any]) -> None:
+        if event == "listening":
+            started["port"] = info["port"]
+            listening.set()
+        if observer is not None:
+            observer(event, info)
+
+    def run() -> None:
+        try:
+            started["result"]["report"] = run_hub(cfg, resume=resume, progress=progress, observer=observe)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            started["result"]["error"] = exc
+        finally:
+            listening.set()
+
+    started["thread"] = thread = threading.Thread(target=run, name="primia-hub", daemon=True)
+    thread.start()
+    listening.wait()
+    if "error" in started["result"]:
+        raise started["result"]["error"]
+    return started
+
+
+def wait_for_hub(hub: dict[str, Any]) -> dict[str, Any]:
+    """The report of a hub started with :func:`start_hub`, once its run ends (its error, re-raised)."""
+    while hub["thread"].is_alive():
+        hub["thread"].join(0.5)
+    if "error" in hub["result"]:
+        raise hub["result"]["error"]
+    return hub["result"]["report"]
+
+
+def start_nodes(out: Path, data: Path, names: tuple[str, ...], *, port: int, keys: Path, threads: int = 1,
+                once: bool = True) -> dict[str, dict[str, Any]]:
+    """One ``primia node`` process per name, dialing the hub on 127.0.0.1:``port``; returns name -> process, log.
+
+    With ``once`` each node exits when the run ends.
     """
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}
-    nodes = {
-        name: _spawn(out, name, ["node", "--data", str(data / name), "--name", name, "--threads", str(threads),
-                                 *(["--once"] if once else [])], env)
+    return {
+        name: _spawn(out, name, ["node", "--data", str(data / name), "--name", name, "--key", str(keys / f"{name}.key"),
+                                 *_hub_args(port, keys), "--threads", str(threads), *(["--once"] if once else [])],
+                     env)
         for name in names
     }
-    deadline = time.monotonic() + 180
-    for name, node in nodes.items():
-        _wait_for_port(f"node {name}", node, deadline)
-    return nodes
 
 
-def start_dealer(out: Path) -> dict[str, Any]:
-    """Start a ``primia dealer`` process on a free port that exits after one hub connection."""
-    dealer = _spawn(out, "dealer", ["dealer", "--once"], dict(os.environ))
-    _wait_for_port("the dealer", dealer, time.monotonic() + 120)
-    return dealer
+def start_dealer(out: Path, *, port: int, keys: Path) -> dict[str, Any]:
+    """A ``primia dealer`` process dialing the hub on 127.0.0.1:``port``; it exits when the run ends."""
+    return _spawn(out, "dealer", ["dealer", "--key", str(keys / "dealer.key"), *_hub_args(port, keys), "--once"],
+                  dict(os.environ))
+
+
+def _hub_args(port: int, keys: Path) -> list[str]:
+    return ["--hub", f"ws://127.0.0.1:{port}", "--hub-key", str(keys / "hub.pub")]
 
 
 def _spawn(out: Path, name: str, args: list[str], env: dict[str, str]) -> dict[str, Any]:
-    """``primia <args>`` with a fresh secret in secrets/<name>.key, a port file and a log under logs/."""
-    (out / "secrets").mkdir(parents=True, exist_ok=True)
+    """``primia <args>`` with its log under logs/."""
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    token_file = out / "secrets" / f"{name}.key"
-    token_file.write_text(secrets.token_hex(32) + "\n", encoding="utf-8")
-    token_file.chmod(0o600)
-    port_file = out / "logs" / f"{name}.port"
-    port_file.unlink(missing_ok=True)
     log = out / "logs" / f"{name}.log"
-    cmd = [sys.executable, "-m", "cli.main", *args, "--port", "0", "--port-file", str(port_file),
-           "--token-file", str(token_file)]
+    cmd = [sys.executable, "-m", "cli.main", *args]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=_project_root())
-    return {"process": proc, "port_file": port_file, "token_file": token_file, "log": log}
-
-
-def _wait_for_port(what: str, started: dict[str, Any], deadline: float) -> None:
-    while not started["port_file"].exists():
-        if started["process"].poll() is not None:
-            raise RuntimeError(f"{what} exited (code {started['process'].returncode}); see {started['log']}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not start in time; see {started['log']}")
-        time.sleep(0.1)
-    started["port"] = json.loads(started["port_file"].read_text())["port"]
+    return {"process": proc, "log": log}
 
 
 def stop_nodes(nodes: dict[str, dict[str, Any]], *, timeout_s: float = 20.0) -> None:
@@ -152,30 +190,40 @@ def stop_nodes(nodes: dict[str, dict[str, Any]], *, timeout_s: float = 20.0) -> 
                 proc.wait()
 
 
-def write_config(path: Path, nodes: dict[str, dict[str, Any]], *, output_dir: Path, rounds: int = 10,
-                 secure: bool = True, seed: int = 0, extra: str = "", dealer: dict[str, Any] | None = None) -> Path:
-    """The demo's federation.toml (also a starting point for real federations); with ``dealer`` (from
-    :func:`start_dealer`) secure aggregation uses dealer masking."""
+def write_config(path: Path, names: tuple[str, ...], *, keys: Path, output_dir: Path, rounds: int = 10,
+                 secure: bool = True, seed: int = 0, extra: str = "", dealer: bool = False,
+                 listen: str = "127.0.0.1:0", federation: str = "") -> Path:
+    """The demo's federation.toml (also a starting point for real federations); with ``dealer`` secure
+    aggregation uses dealer masking.  Key paths are written relative to the config's folder."""
+    base = path.parent.resolve()
+
+    def rel(p: Path) -> str:
+        p = p.resolve()
+        try:
+            return str(p.relative_to(base))
+        except ValueError:
+            return str(p)
+
     node_tables = "\n".join(
-        f'[[federation.nodes]]\nname = "{name}"\naddress = "ws://127.0.0.1:{node["port"]}"\n'
-        f'token_file = "{node["token_file"].resolve()}"\n'
-        for name, node in nodes.items()
+        f'[[federation.nodes]]\nname = "{name}"\npublic_key_file = "{rel(keys / f"{name}.pub")}"\n'
+        for name in names
     )
-    dealer_keys = "" if dealer is None else (
-        f'dealer_address = "ws://127.0.0.1:{dealer["port"]}"\ndealer_token_file = "{dealer["token_file"].resolve()}"\n'
-    )
+    dealer_key = f'dealer_public_key_file = "{rel(keys / "dealer.pub")}"\n' if dealer else ""
     text = f"""# primia federation: the digits demo (see docs/federation.md for every key)
 [run]
 name = "digits-demo"
 rounds = {rounds}
 seed = {seed}
-output_dir = "{output_dir.resolve()}"
+output_dir = "{rel(output_dir)}"
 
 [federation]
-min_nodes = 2
+listen = "{listen}"           # the nodes connect here; port 0 picks a free one
+key_file = "{rel(keys / "hub.key")}"
+{dealer_key}min_nodes = 2
 on_dropout = "continue"
-connect_timeout_s = 60
-{dealer_keys}
+connect_timeout_s = 120
+start_grace_s = 20
+{federation}
 [model]
 name = "simple_cnn"
 width = 16
@@ -226,21 +274,22 @@ def run_demo(out: str | Path = "primia-demo", *, rounds: int = 10, masking: str 
     split = write_digits(data)
     print("  " + ", ".join(f"{n}: {c} images" for n, c in split["counts"].items())
           + f", held out: {len(split['holdout_labels'])}")
-    print("primia demo: starting 3 node processes on 127.0.0.1 ...")
-    nodes = start_nodes(out, data, NODE_NAMES)
-    dealer = None
+    dealer = masking == "dealer"
+    keys = make_keys(out / "keys", NODE_NAMES, dealer=dealer)
+    config = write_config(out / "federation.toml", NODE_NAMES, keys=keys, output_dir=out / "run", rounds=rounds,
+                          dealer=dealer)
+    print(f"primia demo: key pairs in {keys}; config {config}")
+    hub = start_hub(config, progress=None)
+    print(f"primia demo: the hub listens on 127.0.0.1:{hub['port']}; starting 3 node processes that connect to it")
+    nodes = start_nodes(out, data, NODE_NAMES, port=hub["port"], keys=keys)
     try:
-        if masking == "dealer":
+        if dealer:
             print("primia demo: starting the dealer (crypto provider) for dealer-masked aggregation ...")
-            dealer = start_dealer(out)
-        config = write_config(out / "federation.toml", nodes, output_dir=out / "run", rounds=rounds, dealer=dealer)
-        print(f"primia demo: training with secure aggregation ({masking} masks, {rounds} rounds), config {config}")
-        from .config import load_config
-        from .hub import run_hub
-
-        report = run_hub(load_config(config), progress=None)
+            nodes["dealer"] = start_dealer(out, port=hub["port"], keys=keys)
+        print(f"primia demo: training with secure aggregation ({masking} masks, {rounds} rounds)")
+        report = wait_for_hub(hub)
     finally:
-        stop_nodes({**nodes, **({"dealer": dealer} if dealer else {})})
+        stop_nodes(nodes)
     final = report["final"]
     print("\nfinal validation metrics (pooled over the nodes' local validation splits):")
     _print_metrics("pooled", final["pooled"])

@@ -79,26 +79,34 @@ class NodeDropped(PeerFailure):
 
 
 class RoundFailed(PrimiaError):
-    """Round ``round`` (0: the set-up) stopped at ``stage``; the global model keeps the previous round's weights."""
+    """Round ``round`` (0: the set-up) stopped at ``stage``; the global model keeps the previous round's weights.
+
+    ``advice`` (set by the hub, which knows whether a checkpoint exists) says how to go on.
+    """
 
     def __init__(self, round: int, stage: str, reason: str):
         self.round = round
         self.stage = stage
         self.reason = reason
+        self.advice = ""
         what = f"round {round}" if round else "set-up"
         super().__init__(f"{what} failed during {stage}: {reason}")
 
+    def __str__(self) -> str:
+        text = super().__str__()
+        return f"{text}; {self.advice}" if self.advice else text
+
 
 class TooFewNodes(RoundFailed):
-    """Fewer nodes than ``federation.min_nodes`` are left in a round."""
+    """Fewer nodes are left in a round than it needs (``needed``, for the reason ``rule`` names)."""
 
-    def __init__(self, round: int, stage: str, remaining: list[str], min_nodes: int):
+    def __init__(self, round: int, stage: str, remaining: list[str], needed: int, rule: str | None = None):
         self.remaining = remaining
-        self.min_nodes = min_nodes
+        self.needed = needed
+        rule = rule or f"federation.min_nodes = {needed}"
         super().__init__(
             round,
             stage,
-            f"only {len(remaining)} node(s) remain ({', '.join(remaining) or 'none'}) but "
-            f"federation.min_nodes = {min_nodes}; restart the missing nodes and resume with --resume, "
-            "or lower federation.min_nodes",
+            f"only {len(remaining)} node(s) remain ({', '.join(remaining) or 'none'}) but the round needs "
+            f"{needed} ({rule}); start the missing nodes (they rejoin on their own), or lower federation.min_nodes",
         )

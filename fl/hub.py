@@ -1,24 +1,32 @@
-"""The hub: the one round loop, and the asyncio adapter that feeds :class:`fl.hub_protocol.HubProtocol`.
+"""The hub: it listens, nodes dial in; the one round loop, and the asyncio adapter that feeds
+:class:`fl.hub_protocol.HubProtocol`.
 
 ``run_hub(cfg)`` (what ``primia train`` calls):
 
-1. Open ``run.output_dir``; with ``resume`` load ``checkpoint.pt`` (same
-   configuration digest required) and continue after its round.
-2. Dial every node and authenticate (:mod:`fl.transport`); say hello.
+1. Open ``run.output_dir`` (checked writable before anything else); with
+   ``resume`` load ``checkpoint.pt`` (same configuration digest required) and
+   continue after its round.
+2. Listen on ``federation.listen``; nodes (and the dealer) dial in and
+   authenticate with their keys (:mod:`fl.transport`).  Wait until
+   ``min_nodes`` nodes have said hello (at most ``connect_timeout_s``), and
+   up to ``start_grace_s`` more for the rest.
 3. Take the classes (the sorted union of the nodes' class folders) and the
-   channel count from the nodes, build the global model (seeded), configure
-   the nodes and check they built the same model.
-4. For each round: send the global weights and the round's learning rate,
-   collect the updates (plain or securely aggregated), apply the server step,
-   evaluate on the nodes' validation splits, then write ``checkpoint.pt``
-   atomically — only then does the round count as done, so a hub restart never
-   loses a completed round.
+   channel count from the nodes, build the global model (seeded) and the
+   aggregation (:func:`fl.strategy.build_aggregator`), configure the nodes
+   and check they built the same model.
+4. For each round: wait for ``min_nodes`` ready nodes; send the global weights
+   and the round's learning rate to every ready node, collect the updates
+   through the aggregator, apply the server step, evaluate on the nodes'
+   validation splits, then write ``checkpoint.pt`` atomically — only then does
+   the round count as done, so a hub restart never loses a completed round.
+   A node that connects during a round (a restart) joins the next one.
 5. Say goodbye; write ``model.pt``, ``report.json``, ``metrics.png``, ``roc.png``.
 
-The adapter owns sockets and time: one reader and one writer task per node,
-one inbox, and a wait bounded by the protocol's deadline.  Aggregation (which
-expands PRG masks for secure rounds) runs in a worker thread so the event loop
-keeps answering keepalive pings.
+The adapter owns sockets and time: one reader and one writer per connection,
+one inbox, and a wait bounded by the protocol's deadline.  A connection that
+closes is reported at once.  Aggregation (which expands PRG masks for secure
+rounds) runs in a worker thread so the event loop keeps answering keepalive
+pings.
 """
 
 from __future__ import annotations
@@ -28,39 +36,42 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from pathlib import Path
+from typing import Any, Callable, Mapping, TypeVar
 
 import numpy as np
 import torch
 
-from mpc.errors import FrameError, PeerFailure, PrimiaError
-from mpc.net.channel import Channel, connect
-from mpc.net.tls import client_context
+from mpc.errors import ConfigError, FrameError, PeerFailure, PrimiaError
+from mpc.net.channel import Channel, serve
+from mpc.net.tls import server_context
 
 from .aggregation import ServerOptimizer
 from .checkpoint import load_checkpoint, save_checkpoint, write_json
-from .config import Config
-from .errors import ResumeError
+from .config import Config, is_loopback
+from .errors import ResumeError, RoundFailed, TooFewNodes
 from .files import atomic_write
 from .hub_protocol import (
     DEALER_LINK,
-    Configured,
     Disconnect,
     Dropped,
     Evaluated,
     Failed,
     HubProtocol,
-    NodesReady,
+    Joined,
+    Ready,
     RoundCollected,
     RoundResult,
     SendTo,
 )
+from .identity import load_private_key, load_public_key
 from .messages import Message
 from .metrics import compute_metrics, pool
 from .models import Layout, build_model
 from .report import roc_curves, write_report
+from .strategy import build_aggregator
 from .training import round_lr
-from .transport import DEALER_ID, HUB_ID, limits_for, membership, options_for, recv, send
+from .transport import DEALER_ID, hub_identity, limits_for, options_for, port_file_writer, recv, send
 
 __all__ = ["Observer", "Hub", "run_hub", "CHECKPOINT_NAME", "MODEL_NAME"]
 
@@ -68,14 +79,10 @@ log = logging.getLogger("primia.hub")
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
-#: ``observer(event, info)``: "send" (kind, node, round), "dropped" (node, stage, reason), "round" (the round record)
+#: ``observer(event, info)``: "listening" (port), "send" (kind, node, round), "joined", "ready" (node),
+#: "dropped" (node, stage, reason), "round" (the round record)
 Observer = Callable[[str, dict[str, Any]], None]
 E = TypeVar("E")
-
-
-@dataclass
-class _Lost:
-    reason: str
 
 
 @dataclass
@@ -83,10 +90,22 @@ class _Link:
     name: str
     channel: Channel
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
-    tasks: list[asyncio.Task] = field(default_factory=list)
+    writer: asyncio.Task | None = None
     sent: int = 0
     received: int = 0
     alive: bool = True
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class _Traffic:
+    """Bytes to and from each peer over the whole run (links come and go; counts stay)."""
+
+    sent: dict[str, int] = field(default_factory=dict)
+    received: dict[str, int] = field(default_factory=dict)
+
+    def snapshot(self) -> dict[str, tuple[int, int]]:
+        return {n: (self.sent.get(n, 0), self.received.get(n, 0)) for n in set(self.sent) | set(self.received)}
 
 
 class Hub:
@@ -97,24 +116,33 @@ class Hub:
         resume: continue from ``output_dir/checkpoint.pt``.
         observer: called on sends, dropouts and completed rounds (progress, tests).
         progress: show a progress bar (default: when stderr is a terminal).
+        port_file: write the bound port here once the hub listens (JSON {"port", "pid"}).
     """
 
-    def __init__(self, cfg: Config, *, resume: bool = False, observer: Observer | None = None, progress: bool | None = None):
+    def __init__(self, cfg: Config, *, resume: bool = False, observer: Observer | None = None,
+                 progress: bool | None = None, port_file: str | os.PathLike | None = None):
         self.cfg = cfg
         self.resume = resume
         self.observer = observer or (lambda event, info: None)
         self.progress = progress
+        self.port_file = port_file
         self.out_dir = cfg.output_dir
         self.links: dict[str, _Link] = {}
-        self.inbox: asyncio.Queue[tuple[str, Message | _Lost]] = asyncio.Queue()
+        self.inbox: asyncio.Queue[tuple[str, str, _Link, Any]] = asyncio.Queue()
+        self.traffic = _Traffic()
         self.protocol: HubProtocol | None = None
+        self.rejections: list[str] = []
+        #: nodes lost during the run and not back yet; the next round waits briefly for each (a restart)
+        self._away: set[str] = set()
         self._closing: set[asyncio.Task] = set()
+        self._server: Any = None
 
     # -- the round loop ----------------------------------------------------------------
 
     async def run(self) -> dict[str, Any]:
         """Run (or resume) the federation; returns the report."""
         cfg = self.cfg
+        self._check_output_dir()
         state = self._load_state()
         run_id = state["run_id"] if state else f"{cfg.run.name}-{os.urandom(6).hex()}"
         history: list[dict[str, Any]] = list(state["history"]) if state else []
@@ -124,39 +152,39 @@ class Hub:
             log.info("the checkpoint already holds all %d rounds; writing the report", cfg.run.rounds)
             return self._final_report(run_id, state["classes"], state.get("nodes", {}), history, None, started)
 
-        self.protocol = HubProtocol(cfg, run_id)
+        self.protocol = protocol = HubProtocol(cfg, run_id, session=os.urandom(16))
         try:
-            ready = await self._open(run_id)
-            classes, channels = self._data_shape(ready, state)
+            await self._listen(run_id)
+            joined = await self._wait_for_nodes()
+            classes, channels = self._data_shape(joined, state)
             model = build_model(
                 cfg.model.name, num_classes=len(classes), in_channels=channels, input_size=cfg.data.input_size,
                 width=cfg.model.width, pooling=cfg.model.pooling, seed=cfg.run.seed,
             )
             layout = Layout.of(model)
-            server = ServerOptimizer(lr=cfg.aggregation.server_lr, momentum=cfg.aggregation.server_momentum,
-                                     param_mask=layout.param_mask())
+            aggregator = build_aggregator(
+                cfg.aggregation, directory=self._directory(), dealer_key=self._dealer_key(),
+                optimizer=ServerOptimizer(lr=cfg.aggregation.server_lr, momentum=cfg.aggregation.server_momentum,
+                                          param_mask=layout.param_mask()),
+            )
             if state:
                 model.load_state_dict(state["model"])
-                server.load_state({k: v.numpy() for k, v in state["server_optimizer"].items()})
+                aggregator.load_state({k: v.numpy() for k, v in state["server_optimizer"].items()})
             weights = layout.flatten(model)
-            configured = await self._until(self.protocol.configure(classes, channels, layout, _now()), Configured)
-            nodes = {
-                n: {"data": ready.summaries[n], "warnings": ready.warnings[n],
-                    "train_samples": configured.train_samples[n], "val_samples": configured.val_samples[n]}
-                for n in configured.train_samples
-            }
-            aggregation = f"secure ({cfg.aggregation.masking} masks)" if cfg.aggregation.secure else "plain"
-            log.info("run %s: %d nodes, %d classes %s, model %s (%d values), %s aggregation, rounds %d-%d",
-                     run_id, len(nodes), len(classes), classes, cfg.model.name, layout.size, aggregation, start,
-                     cfg.run.rounds)
+            self._apply(protocol.configure(classes, channels, layout, aggregator, _now()))
+            log.info("run %s: %d node(s) connected, %d classes %s, model %s (%d values), %s aggregation, "
+                     "rounds %d-%d", run_id, len(joined), len(classes), classes, cfg.model.name, layout.size,
+                     aggregator.label, start, cfg.run.rounds)
+            nodes: dict[str, Any] = {}
             last_eval: Evaluated | None = None
             bar = self._progress_bar(start)
             for number in range(start, cfg.run.rounds + 1):
-                record, weights, evaluated = await self._round(number, weights, server, classes)
+                record, weights, evaluated = await self._round(number, weights, classes)
+                nodes.update(self._node_records(record["included"]))
                 last_eval = evaluated or last_eval
                 layout.load(model, weights)
                 history.append(record)
-                self._checkpoint(run_id, number, model, server, classes, channels, nodes, history)
+                self._checkpoint(run_id, number, model, aggregator.state(), classes, channels, nodes, history)
                 self.observer("round", record)
                 # a line per round, unless a progress bar shows the same (the line would break the bar)
                 _log_round(record, cfg.run.rounds, logging.DEBUG if bar is not None else logging.INFO)
@@ -169,23 +197,33 @@ class Hub:
             await self._close()
             atomic_write(self.out_dir / MODEL_NAME, lambda fh: torch.save(model.state_dict(), fh))
             return self._final_report(run_id, classes, nodes, history, last_eval, started)
+        except RoundFailed as exc:
+            exc.advice = self._advice()
+            await self._abort()
+            raise
         except BaseException:
             await self._abort()
             raise
 
-    async def _round(
-        self, number: int, weights: np.ndarray, server: ServerOptimizer, classes: list[str]
-    ) -> tuple[dict[str, Any], np.ndarray, Evaluated | None]:
+    def _advice(self) -> str:
+        checkpoint = self.out_dir / CHECKPOINT_NAME
+        if checkpoint.exists():
+            return f"the completed rounds are in {checkpoint}: run the same command with --resume to go on"
+        return "no round had completed, so nothing is saved: run the same command again"
+
+    async def _round(self, number: int, weights: np.ndarray,
+                     classes: list[str]) -> tuple[dict[str, Any], np.ndarray, Evaluated | None]:
         cfg, protocol = self.cfg, self.protocol
         assert protocol is not None
+        await self._wait_for_round(number)
         t0 = time.perf_counter()
-        bytes_before = {n: (link.sent, link.received) for n, link in self.links.items()}
+        bytes_before = self.traffic.snapshot()
         lr = round_lr(cfg.training, number - 1, cfg.run.rounds)
         await self._until(protocol.begin_round(number, weights, lr, _now()), RoundCollected)
         result: RoundResult = await asyncio.to_thread(protocol.aggregate)
-        weights = server.step(weights, result.mean_update)
+        weights = result.model
         t_train = time.perf_counter() - t0
-        bytes_trained = {n: (link.sent, link.received) for n, link in self.links.items()}
+        bytes_trained = self.traffic.snapshot()
         evaluated = None
         every = cfg.run.evaluate_every
         if every and (number % every == 0 or number == cfg.run.rounds):
@@ -198,12 +236,13 @@ class Hub:
             "weights": result.weights,
             "train": result.figures,
             "seconds": {"train_and_aggregate": t_train, "total": time.perf_counter() - t0},
-            "bytes": _traffic(bytes_before, bytes_trained),
-            **({"dealer_bytes": {"to_dealer": bytes_trained[DEALER_LINK][0] - bytes_before[DEALER_LINK][0],
-                                 "from_dealer": bytes_trained[DEALER_LINK][1] - bytes_before[DEALER_LINK][1]}}
-               if DEALER_LINK in bytes_before else {}),
-            "eval_bytes": _traffic(bytes_trained, {n: (link.sent, link.received) for n, link in self.links.items()}),
+            "bytes": _traffic(bytes_before, bytes_trained, result.weights),
+            "eval_bytes": _traffic(bytes_trained, self.traffic.snapshot(), result.weights),
         }
+        if DEALER_LINK in bytes_trained:
+            before = bytes_before.get(DEALER_LINK, (0, 0))
+            record["dealer_bytes"] = {"to_dealer": bytes_trained[DEALER_LINK][0] - before[0],
+                                      "from_dealer": bytes_trained[DEALER_LINK][1] - before[1]}
         if evaluated is not None:
             record["eval"] = {
                 "pooled": compute_metrics(pool(list(evaluated.summaries.values())), classes),
@@ -212,6 +251,17 @@ class Hub:
         return record, weights, evaluated
 
     # -- set-up -------------------------------------------------------------------------
+
+    def _check_output_dir(self) -> None:
+        """Fail now, not after the first round, if results cannot be written."""
+        probe = self.out_dir / ".primia-write-test"
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(f"run.output_dir: cannot write to {self.out_dir} ({exc.strerror or exc}); choose a "
+                              "folder this user can create and write") from None
 
     def _load_state(self) -> dict[str, Any] | None:
         path = self.out_dir / CHECKPOINT_NAME
@@ -231,70 +281,114 @@ class Hub:
         log.info("resuming run %s after round %d", state["run_id"], int(state["round"]))
         return state
 
-    async def _open(self, run_id: str) -> NodesReady:
-        """Dial and authenticate every node, then say hello."""
-        cfg = self.cfg
-        fed = cfg.federation
-        limits, options = limits_for(fed.max_message_mib), options_for(connect_timeout_s=fed.connect_timeout_s)
+    def _directory(self) -> Any:
+        from .identity import Directory
 
-        tls = client_context(fed.tls_ca) if fed.tls_ca else None
+        fed = self.cfg.federation
+        return Directory({n.name: load_public_key(n.public_key_file, what=f"node {n.name}") for n in fed.nodes})
 
-        async def dial(index: int) -> Channel:
-            node = fed.nodes[index]
-            return await connect(
-                node.address,
-                membership=membership(HUB_ID, node.token, what=f"federation.nodes[{index}].token"),
-                peer_id=node.name,
-                peer_label=f"node {node.name} at {node.address}",
-                limits=limits,
-                options=options,
-                ssl=tls if node.address.startswith("wss://") else None,
+    def _dealer_key(self) -> Any:
+        path = self.cfg.federation.dealer_public_key_file
+        return load_public_key(path, what="federation.dealer_public_key_file") if path else None
+
+    async def _listen(self, run_id: str) -> None:
+        fed = self.cfg.federation
+        host, port = self.cfg.listen
+        members = dict(self._directory().keys)
+        if fed.dealer_public_key_file:
+            members[DEALER_ID] = self._dealer_key()
+        identity = hub_identity(load_private_key(fed.key_file, what="federation.key_file"), members)
+        tls = server_context(fed.tls_cert, fed.tls_key) if fed.tls_cert else None
+        if tls is None and not is_loopback(host):
+            log.warning("listening on %s without TLS (federation.allow_plaintext = true): anyone on the path can "
+                        "read and rewrite every message", host)
+        options = options_for(connect_timeout_s=fed.connect_timeout_s, handshake_timeout_s=fed.handshake_timeout_s,
+                              max_unauthenticated=fed.max_unauthenticated)
+        try:
+            self._server = await serve(
+                self._serve_peer, host, port, membership=identity, context=run_id,
+                accept=lambda peer: None, on_reject=self._rejected,
+                label=lambda peer, address: f"{'the dealer' if peer == DEALER_ID else f'node {peer}'} (from {address})",
+                limits=limits_for(fed.max_message_mib), options=options, ssl=tls,
             )
+        except OSError as exc:
+            raise ConfigError(f"federation.listen: cannot listen on {host}:{port}: {exc.strerror or exc}; choose "
+                              "another port (0 picks a free one)") from None
+        bound = self._server.sockets[0].getsockname()[1]
+        port_file_writer(self.port_file)(bound)
+        self.observer("listening", {"port": bound})
+        log.info("hub listening on %s://%s:%d for %d node(s)%s", "wss" if tls else "ws", host, bound, len(fed.nodes),
+                 " and the dealer" if fed.dealer_public_key_file else "")
 
-        async def dial_dealer() -> Channel:
+    def _rejected(self, reason: str) -> None:
+        self.rejections = (self.rejections + [reason])[-20:]
+
+    async def _wait(self, ready: Callable[[], bool], timeout_s: float | None) -> bool:
+        """Feed the protocol until ``ready()`` holds or ``timeout_s`` passes; returns ``ready()``."""
+        protocol = self.protocol
+        assert protocol is not None
+        end = None if timeout_s is None else _now() + timeout_s
+        while not ready():
+            limits = [t for t in (end, protocol.deadline) if t is not None]
+            timeout = max(min(limits) - _now(), 0.0) if limits else None
             try:
-                return await connect(
-                    fed.dealer_address,
-                    membership=membership(HUB_ID, fed.dealer_token, what="federation.dealer_token"),
-                    peer_id=DEALER_ID,
-                    peer_label=f"the dealer at {fed.dealer_address}",
-                    limits=limits,
-                    options=options,
-                    ssl=tls if fed.dealer_address.startswith("wss://") else None,
-                )
-            except PrimiaError as exc:
-                raise PeerFailure(DEALER_ID, f"cannot use the dealer at {fed.dealer_address} "
-                                             f"(aggregation.masking = 'dealer'): {exc}") from None
+                item = await asyncio.wait_for(self.inbox.get(), timeout)
+            except TimeoutError:
+                self._apply(protocol.on_deadline(_now()))
+                if end is not None and _now() >= end:
+                    return ready()
+                continue
+            self._apply(self._feed(item))
+        return True
 
-        dialing = [dial(i) for i in range(len(fed.nodes))]
-        dealer_dial = None
-        if self.protocol is not None and self.protocol.dealer is not None:
-            dealer_dial = asyncio.ensure_future(dial_dealer())
-        results = await asyncio.gather(*dialing, return_exceptions=True)
-        unreachable: dict[str, str] = {}
-        for node, result in zip(fed.nodes, results):
-            if isinstance(result, BaseException):
-                if not isinstance(result, PrimiaError):
-                    raise result
-                unreachable[node.name] = str(result)
-                log.error("node %s: %s", node.name, result)
-            else:
-                self._attach(node.name, result)
-        if dealer_dial is not None:
-            self._attach(DEALER_LINK, await dealer_dial)  # a failure here: _abort closes the nodes' links
-        nodes = sorted(n for n in self.links if n != DEALER_LINK)
-        if len(nodes) < cfg.min_nodes:
-            raise PeerFailure(
-                ", ".join(sorted(unreachable)),
-                f"only {len(nodes)} of {len(fed.nodes)} nodes reachable, federation.min_nodes = {cfg.min_nodes}: "
-                + "; ".join(f"{n}: {r}" for n, r in unreachable.items()),
-            )
-        assert self.protocol is not None
-        return await self._until(self.protocol.start(nodes, unreachable, _now()), NodesReady)
+    async def _wait_for_nodes(self) -> dict[str, dict[str, Any]]:
+        """At start-up: until min_nodes nodes said hello (then up to start_grace_s for the rest)."""
+        protocol, fed = self.protocol, self.cfg.federation
+        assert protocol is not None
+        configured = {n.name for n in fed.nodes}
+        enough = lambda: len(protocol.joined_nodes()) >= self.cfg.min_nodes  # noqa: E731
+        if not await self._wait(enough, fed.connect_timeout_s):
+            raise self._too_few(0, "connect", sorted(protocol.joined_nodes()), fed.connect_timeout_s)
+        everyone = lambda: set(protocol.joined_nodes()) >= configured  # noqa: E731
+        await self._wait(everyone, fed.start_grace_s)
+        return protocol.joined_nodes()
 
-    def _data_shape(self, ready: NodesReady, state: dict[str, Any] | None) -> tuple[list[str], int]:
-        classes = sorted({c for s in ready.summaries.values() for c in s["classes"]})
-        channels = self.cfg.data.channels or (3 if any(3 in s["channels"] for s in ready.summaries.values()) else 1)
+    async def _wait_for_round(self, number: int) -> None:
+        """Until min_nodes nodes are ready (and the dealer is connected, where needed), then up to start_grace_s
+        for nodes still setting up and for nodes lost since the last round (a restarting node takes part as soon
+        as it is ready; a node that stays away is waited for once, not before every round)."""
+        protocol, fed = self.protocol, self.cfg.federation
+        assert protocol is not None
+        needs_dealer = DEALER_LINK in protocol.aggregator.needs
+        enough = lambda: len(protocol.ready_nodes()) >= self.cfg.min_nodes and (  # noqa: E731
+            protocol.dealer_connected or not needs_dealer)
+        if not await self._wait(enough, fed.connect_timeout_s):
+            if needs_dealer and not protocol.dealer_connected:
+                raise RoundFailed(number, "start", f"the dealer did not connect within {fed.connect_timeout_s:g} s "
+                                                   "(aggregation.masking = 'dealer'): start `primia dealer --hub ...` "
+                                                   "and check its keys" + self._rejection_note())
+            raise self._too_few(number, "start", protocol.ready_nodes(), fed.connect_timeout_s)
+        away = set(self._away)
+        back = lambda: not protocol.in_setup() and not (away - set(protocol.ready_nodes()))  # noqa: E731
+        if not await self._wait(back, fed.start_grace_s) and away - set(protocol.ready_nodes()):
+            log.info("round %d starts without %s (not back within federation.start_grace_s = %g s)", number,
+                     ", ".join(sorted(away - set(protocol.ready_nodes()))), fed.start_grace_s)
+        self._away -= away
+
+    def _too_few(self, number: int, stage: str, present: list[str], waited_s: float) -> TooFewNodes:
+        missing = sorted({n.name for n in self.cfg.federation.nodes} - set(present))
+        rule = (f"federation.min_nodes = {self.cfg.min_nodes}; waited {waited_s:g} s for "
+                f"{', '.join(missing) or 'more nodes'}{self._rejection_note()}")
+        return TooFewNodes(number, stage, present, self.cfg.min_nodes, rule)
+
+    def _rejection_note(self) -> str:
+        if not self.rejections:
+            return ""
+        return "; connections refused meanwhile: " + " | ".join(self.rejections[-3:])
+
+    def _data_shape(self, joined: dict[str, dict[str, Any]], state: dict[str, Any] | None) -> tuple[list[str], int]:
+        classes = sorted({c for s in joined.values() for c in s["classes"]})
+        channels = self.cfg.data.channels or (3 if any(3 in s["channels"] for s in joined.values()) else 1)
         if state:
             if list(state["classes"]) != classes or int(state["channels"]) != channels:
                 raise ResumeError(
@@ -303,41 +397,94 @@ class Hub:
                 )
         if len(classes) < 2:
             raise PrimiaError(f"the nodes hold only the class {classes}; classification needs at least two classes")
-        for name, summary in ready.summaries.items():
+        data = self.cfg.data
+        for key in ("mean", "std"):
+            if len(getattr(data, key)) == 3 and channels == 1:
+                raise ConfigError(f"data.{key}: 3 values (RGB), but the nodes' images are grayscale (1 channel); "
+                                  "give one value, or set data.channels = 3 to train on RGB copies")
+        for name, summary in joined.items():
             counts = dict(zip(summary["classes"], summary["counts"]))
             log.info("node %s: %d images %s", name, sum(counts.values()), counts)
-            for warning in ready.warnings[name]:
-                log.warning("node %s: %s", name, warning)
         return classes, channels
+
+    def _node_records(self, included: list[str]) -> dict[str, Any]:
+        protocol = self.protocol
+        assert protocol is not None
+        out = {}
+        for name in included:
+            node = protocol.nodes.get(name)
+            if node is not None and node.summary is not None:
+                out[name] = {"data": node.summary, "train_samples": node.train_samples,
+                             "val_samples": node.val_samples}
+        return out
 
     # -- the adapter ----------------------------------------------------------------------
 
-    def _attach(self, name: str, channel: Channel) -> None:
+    async def _serve_peer(self, channel: Channel) -> None:
+        """One authenticated connection (run by the server): register it, read until it closes."""
+        name = DEALER_LINK if channel.peer_id == DEALER_ID else str(channel.peer_id)
+        old = self.links.get(name)
+        if old is not None and old.alive:
+            log.info("%s connected again; closing its previous connection", channel.peer_label)
+            self._lose(old, "replaced by a new connection from the same peer")
+            await old.channel.abort("replaced by a new connection")
         link = _Link(name, channel)
-        link.tasks = [asyncio.create_task(self._reader(link)), asyncio.create_task(self._writer(link))]
+        link.writer = asyncio.create_task(self._writer(link))
         self.links[name] = link
-
-    async def _reader(self, link: _Link) -> None:
+        await self.inbox.put(("connected", name, link, None))
         try:
             while True:
-                msg, size = await recv(link.channel)
+                msg, size = await recv(channel)
                 link.received += size
-                await self.inbox.put((link.name, msg))
+                self.traffic.received[name] = self.traffic.received.get(name, 0) + size
+                await self.inbox.put(("message", name, link, msg))
         except (PeerFailure, FrameError) as exc:
+            self._lose(link, getattr(exc, "reason", str(exc)))
+        except Exception as exc:  # noqa: BLE001 - a bug here must still report the peer lost, never hang the run
+            log.exception("reading from %s failed", channel.peer_label)
+            self._lose(link, f"receiving failed: {type(exc).__name__}: {exc}")
+        finally:
+            if link.writer is not None:
+                link.writer.cancel()
+            self._lose(link, "connection closed")
+            link.closed.set()
+
+    def _lose(self, link: _Link, reason: str) -> None:
+        if link.alive:
             link.alive = False
-            await self.inbox.put((link.name, _Lost(getattr(exc, "reason", str(exc)))))
+            self.inbox.put_nowait(("lost", link.name, link, reason))
 
     async def _writer(self, link: _Link) -> None:
         while True:
             msg = await link.outbox.get()
             try:
-                link.sent += await send(link.channel, msg)
+                size = await send(link.channel, msg)
+                link.sent += size
+                self.traffic.sent[link.name] = self.traffic.sent.get(link.name, 0) + size
             except PeerFailure as exc:
-                link.alive = False
-                await self.inbox.put((link.name, _Lost(exc.reason)))
+                self._lose(link, exc.reason)
+                return
+            except Exception as exc:  # noqa: BLE001 - an unsendable message is a bug: lose the peer, not the run
+                log.exception("sending %s to %s failed", msg.kind, link.channel.peer_label)
+                self._lose(link, f"sending failed: {type(exc).__name__}: {exc}")
                 return
             finally:
                 link.outbox.task_done()
+
+    def _feed(self, item: tuple[str, str, _Link, Any]) -> list[Any]:
+        """One inbox item into the protocol (items of a replaced connection are stale and dropped)."""
+        what, name, link, value = item
+        protocol = self.protocol
+        assert protocol is not None
+        if self.links.get(name) is not link and what != "lost":
+            return []
+        if what == "connected":
+            return protocol.connected(name, _now())
+        if what == "lost":
+            if self.links.get(name) is link:
+                del self.links[name]
+            return protocol.lost(name, value, _now())
+        return protocol.receive(name, value, _now())
 
     async def _until(self, actions: list[Any], wanted: type[E]) -> E:
         """Carry out actions and feed the protocol until it emits a ``wanted`` event (or fails)."""
@@ -351,40 +498,46 @@ class Hub:
                     return event
             timeout = None if protocol.deadline is None else max(protocol.deadline - _now(), 0.0)
             try:
-                node, item = await asyncio.wait_for(self.inbox.get(), timeout)
+                item = await asyncio.wait_for(self.inbox.get(), timeout)
             except TimeoutError:
                 actions = protocol.on_deadline(_now())
                 continue
-            if isinstance(item, _Lost):
-                actions = protocol.node_lost(node, item.reason, _now())
-            else:
-                actions = protocol.receive(node, item, _now())
+            actions = self._feed(item)
 
     def _apply(self, actions: list[Any]) -> list[Any]:
         events = []
         for action in actions:
             if isinstance(action, SendTo):
-                link = self.links.get(action.node)
+                link = self.links.get(action.peer)
                 if link is not None and link.alive:
                     link.outbox.put_nowait(action.message)
-                    self.observer("send", {"kind": action.message.kind, "node": action.node,
+                    self.observer("send", {"kind": action.message.kind, "node": action.peer,
                                            "round": action.message.header.get("round")})
             elif isinstance(action, Disconnect):
-                self._disconnect(action.node, action.reason)
+                self._disconnect(action.peer, action.reason)
             elif isinstance(action, Dropped):
                 log.warning("node %s dropped during %s: %s", action.node, action.stage, action.reason)
+                self._away.add(action.node)
                 self.observer("dropped", {"node": action.node, "stage": action.stage, "reason": action.reason})
+            elif isinstance(action, Joined):
+                log.info("node %s joined", action.node)
+                self._away.discard(action.node)
+                for warning in action.warnings:
+                    log.warning("node %s: %s", action.node, warning)
+                self.observer("joined", {"node": action.node})
+            elif isinstance(action, Ready):
+                log.info("node %s is ready (%d training, %d validation images)", action.node, action.train_samples,
+                         action.val_samples)
+                self.observer("ready", {"node": action.node})
             else:
                 events.append(action)
         return events
 
     def _disconnect(self, name: str, reason: str) -> None:
-        link = self.links.get(name)
+        link = self.links.pop(name, None)
         if link is None or not link.alive:
             return
         link.alive = False
-        for task in link.tasks:
-            task.cancel()
         closing = asyncio.create_task(link.channel.abort(reason[:100]))
         self._closing.add(closing)  # keep a reference until it is done
         closing.add_done_callback(self._closing.discard)
@@ -397,21 +550,30 @@ class Hub:
             await asyncio.wait_for(asyncio.gather(*(link.outbox.join() for link in live)), 30)
         except TimeoutError:
             log.warning("goodbye messages were not all sent within 30 s")
-        for link in live:
-            for task in link.tasks:
-                task.cancel()
         await asyncio.gather(*(link.channel.close("run complete") for link in live), return_exceptions=True)
+        await self._stop_server()
 
     async def _abort(self) -> None:
-        for link in self.links.values():
-            for task in link.tasks:
-                task.cancel()
-        await asyncio.gather(*(link.channel.abort("the hub stopped") for link in self.links.values()),
-                             return_exceptions=True)
+        links = list(self.links.values())
+        try:
+            await asyncio.wait_for(asyncio.gather(*(link.outbox.join() for link in links if link.alive)), 5)
+        except TimeoutError:
+            pass
+        await asyncio.gather(*(link.channel.abort("the hub stopped") for link in links), return_exceptions=True)
+        await self._stop_server()
+
+    async def _stop_server(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), 10)
+            except TimeoutError:
+                pass
+            self._server = None
 
     # -- outputs ----------------------------------------------------------------------------
 
-    def _checkpoint(self, run_id: str, number: int, model: torch.nn.Module, server: ServerOptimizer,
+    def _checkpoint(self, run_id: str, number: int, model: torch.nn.Module, server_state: dict[str, np.ndarray],
                     classes: list[str], channels: int, nodes: dict[str, Any], history: list[dict[str, Any]]) -> None:
         save_checkpoint(
             self.out_dir / CHECKPOINT_NAME,
@@ -420,7 +582,7 @@ class Hub:
                 "config_digest": self.cfg.digest(),
                 "round": number,
                 "model": model.state_dict(),
-                "server_optimizer": server.state(),
+                "server_optimizer": server_state,
                 "classes": classes,
                 "channels": channels,
                 "nodes": nodes,
@@ -434,7 +596,8 @@ class Hub:
         spec = self.cfg.node_spec()
         fed = self.cfg.federation
         spec["federation"] = {
-            "nodes": [{"name": n.name, "address": n.address} for n in fed.nodes],  # never the tokens
+            "listen": fed.listen,
+            "nodes": [{"name": n.name, "public_key_file": n.public_key_file} for n in fed.nodes],
             "min_nodes": self.cfg.min_nodes,
             "on_dropout": fed.on_dropout,
         }
@@ -472,11 +635,16 @@ class Hub:
         return tqdm(total=self.cfg.run.rounds, initial=start - 1, desc="rounds", unit="round")
 
 
-def _traffic(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> dict[str, dict[str, int]]:
-    """Bytes on the wire to and from each node between two snapshots of the links' counters
+def _traffic(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]],
+             nodes: Mapping[str, Any]) -> dict[str, dict[str, int]]:
+    """Bytes on the wire to and from each of ``nodes`` between two snapshots of the traffic counters
     (the dealer's are reported apart, as the round's ``dealer_bytes``)."""
-    return {n: {"to_node": after[n][0] - sent, "from_node": after[n][1] - received}
-            for n, (sent, received) in before.items() if n != DEALER_LINK}
+    out = {}
+    for n in sorted(nodes):
+        sent, received = before.get(n, (0, 0))
+        now_sent, now_received = after.get(n, (sent, received))
+        out[n] = {"to_node": now_sent - sent, "from_node": now_received - received}
+    return out
 
 
 def _terminal_columns() -> int:
@@ -509,6 +677,6 @@ def _log_round(record: dict[str, Any], rounds: int, level: int) -> None:
 
 
 def run_hub(cfg: Config, *, resume: bool = False, observer: Observer | None = None,
-            progress: bool | None = None) -> dict[str, Any]:
+            progress: bool | None = None, port_file: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run a federation to the end (blocking); returns the report.  See :class:`Hub`."""
-    return asyncio.run(Hub(cfg, resume=resume, observer=observer, progress=progress).run())
+    return asyncio.run(Hub(cfg, resume=resume, observer=observer, progress=progress, port_file=port_file).run())

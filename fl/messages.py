@@ -3,12 +3,12 @@
 A :class:`Message` is a kind, a header (a msgpack map of plain values) and
 named numpy arrays (sent as raw bytes).  Nothing is ever unpickled.
 
-Hub -> node: ``hello``, ``configure``, ``keys``, ``roster``, ``train``,
-``unmask``, ``evaluate``, ``bye``.  Node -> hub: ``hello_ack``, ``configured``,
-``public_key``, ``update`` (plain), ``masked_update`` (secure), ``reveal``,
-``evaluation``.  Hub -> dealer (``aggregation.masking = 'dealer'``):
-``dealer_keys``, ``dealer_roster``, ``unmask``, ``bye``; dealer -> hub:
-``dealer_key``, ``mask_sum``.  Either way: ``error``.
+Hub -> node: ``hello``, ``configure``, ``train``, ``evaluate``, ``bye``.
+Node -> hub: ``hello_ack``, ``configured``, ``update`` (the node's upload:
+plain, or masked), ``evaluation``.  Either way: ``error``.  The aggregation
+mode adds its own kinds (``sa_*`` between hub and nodes, ``dealer_*``,
+``unmask`` and ``mask_sum`` with the dealer), declared in its module
+(:mod:`fl.pairwise`, :mod:`fl.dealer_masking`).
 
 :func:`check` validates a message against the schema for its kind: every
 header field present with the right type, no unknown fields, every array
@@ -29,7 +29,8 @@ __all__ = ["PROTOCOL_VERSION", "Kind", "Message", "check", "check_map", "Any_", 
 
 # 2: aggregation.neighbours (sparse mask graphs); reveals name dropped partners only
 # 3: aggregation.masking = 'dealer' (rosters may carry the dealer's key; the dealer's messages)
-PROTOCOL_VERSION = 3
+# 4: nodes dial the hub; signed round keys, Shamir-shared seeds and a consistency round (sa_* kinds)
+PROTOCOL_VERSION = 4
 
 
 class Kind:
@@ -39,18 +40,8 @@ class Kind:
     HELLO_ACK = "hello_ack"
     CONFIGURE = "configure"
     CONFIGURED = "configured"
-    KEYS = "keys"
-    PUBLIC_KEY = "public_key"
     TRAIN = "train"
-    ROSTER = "roster"
     UPDATE = "update"
-    MASKED_UPDATE = "masked_update"
-    UNMASK = "unmask"
-    REVEAL = "reveal"
-    DEALER_KEYS = "dealer_keys"
-    DEALER_KEY = "dealer_key"
-    DEALER_ROSTER = "dealer_roster"
-    MASK_SUM = "mask_sum"
     EVALUATE = "evaluate"
     EVALUATION = "evaluation"
     BYE = "bye"

@@ -1,16 +1,20 @@
-"""A data owner's node server: the asyncio adapter around :class:`fl.node_protocol.NodeSession`.
+"""A data owner's node: it dials the hub, proves who it is, and serves its data's training — the asyncio
+adapter around :class:`fl.node_protocol.NodeSession`.
 
 ``run_node(data_dir, ...)`` (what ``primia node`` calls) checks the data
-folder, listens on ``host:port`` and waits for the hub.  The hub dials in and
-both sides prove they hold the node's secret (:mod:`fl.transport`).  Each
-connection gets a fresh :class:`~fl.node_protocol.NodeSession` over the one
-:class:`~fl.node_protocol.NodeRuntime`; a new hub connection replaces an old
-one (a restarted hub resuming its run).
+folder, then connects to the hub (``--hub``) and stays connected: it retries
+with exponential backoff (0.5 s doubling to 30 s) while the hub is not up, and
+dials again after a network fault or a closed connection, so a node restarted
+during a run takes part again from the next round.  Only outbound connections:
+no hospital opens a port.  The hub must prove it holds the key the node pinned
+(``--hub-key``); the node sends nothing but its hello to any other.
 
-Slow work runs in worker threads, so the event loop keeps answering keepalive
-pings and the next message while the CPU trains: loading images, training and
-evaluating in order on one thread, expanding and applying secure-aggregation
-masks on another (masks are expanded while the model trains).
+Each connection gets a fresh :class:`~fl.node_protocol.NodeSession` over the
+one :class:`~fl.node_protocol.NodeRuntime`.  Slow work runs in worker threads,
+so the event loop keeps answering keepalive pings and the next message while
+the CPU trains: loading images, training and evaluating in order on one
+thread, expanding and applying secure-aggregation masks on another (masks are
+expanded while the model trains).
 """
 
 from __future__ import annotations
@@ -23,17 +27,16 @@ import ssl
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mpc.errors import FrameError, PeerFailure
-from mpc.net.channel import Channel
-from mpc.net.tls import server_context
+from mpc.net.channel import Channel, connect
 
 from .data import scan_folder
 from .node_protocol import MASK_LANE, TRAIN_LANE, Close, NodeRuntime, NodeSession, Send, Work
-from .transport import limits_for, listen_for_hub, membership, port_file_writer, recv, send
+from .transport import HUB_ID, limits_for, options_for, recv, send
 
-__all__ = ["default_node_name", "NodeServer", "run_node", "share_the_gil"]
+__all__ = ["default_node_name", "NodeClient", "run_node", "share_the_gil", "Backoff"]
 
 log = logging.getLogger("primia.node")
 
@@ -59,42 +62,76 @@ def default_node_name(data_dir: str | Path) -> str:
     return name or "node"
 
 
-class NodeServer:
-    """Serves one node's data to whichever authenticated hub connects.
+class Backoff:
+    """Delays between attempts: ``first`` doubling up to ``cap`` seconds; :meth:`reset` after a success."""
+
+    def __init__(self, first: float = 0.5, cap: float = 30.0):
+        self.first, self.cap = first, cap
+        self.delay = first
+
+    def next(self) -> float:
+        delay, self.delay = self.delay, min(self.delay * 2, self.cap)
+        return delay
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+
+class NodeClient:
+    """Connects to the hub and serves one node's data, reconnecting until the run ends (or forever).
 
     Args:
-        runtime: the node's data and trainer.
-        name: the node's identity in the handshake (must match the hub's federation.nodes[].name).
-        token: the shared secret.
-        once: stop serving when the first hub connection ends (goodbye, error or lost connection).
+        runtime: the node's data, identity and trainer.
+        identity: the node's :class:`mpc.net.auth.Identity` (its key, and the pinned hub key).
+        hub: the hub's address (``wss://HOST:PORT``, or ``ws://`` on loopback).
+        tls: the TLS context for ``wss://`` (None for ``ws://``).
+        once: exit when a run ends (the hub says goodbye, or reports that the run failed) instead of
+            dialing again for the next run.
     """
 
-    def __init__(self, runtime: NodeRuntime, *, name: str, token: str, max_message_mib: int = 1024,
-                 once: bool = False, tls: ssl.SSLContext | None = None):
+    def __init__(self, runtime: NodeRuntime, *, identity: Any, hub: str, tls: ssl.SSLContext | None = None,
+                 max_message_mib: int = 1024, once: bool = False, reconnect_max_s: float = 30.0):
         self.runtime = runtime
-        self.name = name
-        self.membership = membership(name, token, what="node token")
+        self.identity = identity
+        self.hub = hub
+        self.tls = tls
         self.limits = limits_for(max_message_mib)
         self.once = once
-        self.tls = tls
         # one thread per lane: work on a lane runs in order, the lanes side by side
         self.executors = {
             lane: concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"primia-{lane}")
             for lane in (TRAIN_LANE, MASK_LANE)
         }
-        self.stopped = asyncio.Event()
-        self._current: Channel | None = None
+        self.backoff = Backoff(cap=reconnect_max_s)
 
-    async def serve(self, host: str, port: int, on_ready: Callable[[int], None] = lambda port: None) -> None:
-        server, bound = await listen_for_hub(self._handle, host, port, who=f"node {self.name}",
-                                             membership=self.membership, limits=self.limits, tls=self.tls)
-        log.info("node %s: %s on %s://%s:%d", self.name, self._describe(), "wss" if self.tls else "ws", host, bound)
-        on_ready(bound)
+    async def run(self) -> str:
+        """Serve until a run ends (with ``once``) or forever; returns why it stopped.
+
+        Raises:
+            AuthenticationError: the hub is not the one pinned, or it refused this node (a configuration to fix,
+                not a fault to wait out).
+        """
+        log.info("node %s: %s; connecting to the hub at %s", self.runtime.name, self._describe(), self.hub)
         try:
-            await self.stopped.wait()
+            while True:
+                try:
+                    channel = await connect(self.hub, membership=self.identity, peer_id=HUB_ID,
+                                            peer_label=f"the hub at {self.hub}", limits=self.limits,
+                                            options=options_for(connect_timeout_s=self.backoff.cap), ssl=self.tls)
+                except PeerFailure as exc:
+                    delay = self.backoff.next()
+                    log.info("the hub is not reachable (%s); trying again in %.1f s", exc.reason, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                self.backoff.reset()
+                log.info("connected to the hub (run %s)", channel.context or "?")
+                ended = await self._serve(channel)
+                if ended is not None and self.once:
+                    return ended
+                delay = self.backoff.next()
+                log.info("dialing the hub again in %.1f s", delay)
+                await asyncio.sleep(delay)
         finally:
-            server.close()
-            await server.wait_closed()
             for executor in self.executors.values():
                 executor.shutdown(wait=False, cancel_futures=True)
 
@@ -104,12 +141,10 @@ class NodeServer:
         shown = ", ".join(counts[:12]) + (f", ... {len(counts) - 12} more classes" if len(counts) > 12 else "")
         return f"{len(scan.files)} images ({shown}) from {scan.root}"
 
-    async def _handle(self, channel: Channel) -> None:
-        previous, self._current = self._current, channel
-        if previous is not None:
-            log.info("a new hub connection replaces the previous one")
-            await previous.abort("replaced by a new hub connection")
-        session = NodeSession(self.runtime, peer=channel.peer_label)
+    async def _serve(self, channel: Channel) -> str | None:
+        """One hub connection; returns why the run ended (goodbye or the hub's error), or None if the
+        connection was lost."""
+        session = NodeSession(self.runtime, peer=channel.peer_label, run_id=channel.context or None)
         events: asyncio.Queue[tuple[str, Any, Any]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -120,6 +155,9 @@ class NodeServer:
                     await events.put(("message", msg, None))
             except (PeerFailure, FrameError) as exc:
                 await events.put(("lost", getattr(exc, "reason", str(exc)), None))
+            except Exception as exc:  # noqa: BLE001 - never a dead reader and a node that hangs
+                log.exception("reading from the hub failed")
+                await events.put(("lost", f"receiving failed: {type(exc).__name__}: {exc}", None))
 
         def run_work(work: Work) -> None:
             started = time.perf_counter()
@@ -139,10 +177,8 @@ class NodeServer:
             while True:
                 what, first, second = await events.get()
                 if what == "lost":
-                    log.info("hub connection ended: %s", first)
-                    if self.once and self._current is channel:
-                        self.stopped.set()
-                    return
+                    log.warning("the hub connection ended: %s", first)
+                    return None
                 if what == "message":
                     actions = session.receive(first)
                 elif what == "done":
@@ -152,48 +188,59 @@ class NodeServer:
                 for action in actions:
                     if isinstance(action, Send):
                         started = time.perf_counter()
-                        size = await send(channel, action.message)
-                        log.debug("sent %s (%d bytes) in %.3f s", action.message.kind, size, time.perf_counter() - started)
+                        try:
+                            size = await send(channel, action.message)
+                        except PeerFailure as exc:
+                            log.warning("the hub connection ended: %s", exc.reason)
+                            return None
+                        log.debug("sent %s (%d bytes) in %.3f s", action.message.kind, size,
+                                  time.perf_counter() - started)
                     elif isinstance(action, Work):
                         run_work(action)
                     elif isinstance(action, Close):
                         log.info("closing the hub connection: %s", action.reason)
-                        if self.once:
-                            self.stopped.set()
-                        return
+                        await channel.close(action.reason[:100])
+                        return action.reason if _ends_run(action.reason) else None
         finally:
             reader.cancel()
-            if self._current is channel:
-                self._current = None
+
+
+def _ends_run(reason: str) -> bool:
+    """Whether a close means the run is over (the hub said goodbye, or failed it), not a fault to dial back from."""
+    return reason.startswith("the hub ended the run") or reason.startswith("the hub reported an error")
 
 
 def run_node(
     data_dir: str | Path,
     *,
-    token: str,
+    hub: str,
+    identity: Any,
+    directory: Any = None,
+    dealer_key: Any = None,
     name: str | None = None,
-    host: str = "127.0.0.1",
-    port: int = 8781,
-    port_file: str | Path | None = None,
+    tls: ssl.SSLContext | None = None,
     device: str = "cpu",
     strict: bool = False,
     max_message_mib: int = 1024,
     once: bool = False,
-    tls_cert: str | None = None,
-    tls_key: str | None = None,
-) -> None:
-    """Check ``data_dir`` and serve it until stopped (blocking).
+    reconnect_max_s: float = 30.0,
+) -> str:
+    """Check ``data_dir`` and serve it to the hub until stopped, or until the run ends with ``once`` (blocking).
 
     Raises:
         DataFolderError: the folder has errors (each one named).
-        ConfigError: the token is too short, the TLS files cannot be loaded, or the port cannot be used.
+        AuthenticationError: the hub is not the pinned one, or refused this node.
     """
     name = name or default_node_name(data_dir)
     share_the_gil()
     scan = scan_folder(data_dir, strict=strict)
     for problem in scan.warnings:
         log.warning("%s", problem)
-    runtime = NodeRuntime(scan, name=name, device=device)
-    tls = server_context(tls_cert, tls_key) if tls_cert or tls_key else None
-    server = NodeServer(runtime, name=name, token=token, max_message_mib=max_message_mib, once=once, tls=tls)
-    asyncio.run(server.serve(host, port, port_file_writer(port_file)))
+    from .identity import sign_statement
+
+    key = identity.private_key
+    runtime = NodeRuntime(scan, name=name, device=device, sign=lambda *fields: sign_statement(key, *fields),
+                          directory=directory, dealer_key=dealer_key)
+    client = NodeClient(runtime, identity=identity, hub=hub, tls=tls, max_message_mib=max_message_mib, once=once,
+                        reconnect_max_s=reconnect_max_s)
+    return asyncio.run(client.run())

@@ -1,9 +1,10 @@
 """A data owner's node, sans I/O: hub messages in, messages and work out.
 
 :class:`NodeRuntime` lives as long as the node process: the checked data
-folder, decoded images (cached per input size and channel count) and the
-current run's :class:`fl.training.LocalTrainer`, so a hub that reconnects
-(``--resume``) finds the node's optimizer state where it left it.
+folder, decoded images (cached per input size and channel count), the node's
+identity (its signing key, and the public keys it trusts) and the current
+run's :class:`fl.training.LocalTrainer`, so a node that reconnects to the same
+run finds its optimizer state where it left it.
 
 :class:`NodeSession` is one hub connection.  It never touches a socket or a
 thread: :meth:`NodeSession.receive` takes a decoded message and returns
@@ -13,25 +14,25 @@ training, to run off the event loop; its result comes back through
 
 States and messages::
 
-    HELLO      --hello-->      hello_ack       CONFIGURE
-    CONFIGURE  --configure-->  [work: load images, build model]             CONFIGURING
+    HELLO      --hello-->      hello_ack                                     CONFIGURE
+    CONFIGURE  --configure-->  [work: load images, build model]              CONFIGURING
                [done]          configured                                    READY
-    plain round:
-    READY      --train-->      [work: train]                                 TRAINING
-               [trained]       update                                        READY
-    secure round:
-    READY      --keys-->       public_key                                    KEYED
-    KEYED      --roster-->     [mask lane: expand the masks]                 ROSTERED
-    ROSTERED   --train-->      [work: train, then mask lane: mask]           TRAINING
-               [masked]        masked_update                                 (dealer masking: READY)
-    TRAINING   --unmask-->     reveal                                        READY
+    READY      --train-->      [work: train] and the aggregation's set-up    TRAINING
+               (the masker's messages: sa_* -> replies, and mask expansion on the mask lane)
+               [trained, masker ready]  [mask lane: mask]  update            (the masker's later stages)
     READY      --evaluate-->   [work: evaluate] evaluation                   READY
     any        --bye-->        close
 
+How an update is masked and what else a round exchanges is the masker's
+business (:mod:`fl.strategy`: plain, pairwise or dealer masking).
+
 What leaves the node: its data summary (class names and counts, image sizes),
-model updates (masked in secure mode), training loss and accuracy, and
-validation summaries (confusion matrix and score histograms).  Never images,
-labels or per-image scores.
+model updates (masked in secure mode), training loss and accuracy, signed
+per-round public keys and survivor sets, encrypted Shamir shares of its mask
+seeds (to its neighbours, through the hub), shares it holds for others (only
+after enough nodes agreed on who survived), and validation summaries
+(confusion matrix and score histograms).  Never images, labels or per-image
+scores.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from .config import Config, parse_node_spec
 from .data import FolderScan, load_images, split_indices
 from .messages import PROTOCOL_VERSION, Kind, Message, check
 from .models import build_model
-from .secagg import DEALER, NodeSecAgg
+from .strategy import Masker, NodeContext, build_masker
 from .training import LocalTrainer, TrainResult
 
 __all__ = ["NodeState", "Send", "Work", "Close", "NodeRuntime", "NodeSession", "TRAIN_LANE", "MASK_LANE"]
@@ -64,8 +65,6 @@ class NodeState(enum.Enum):
     CONFIGURE = "configure"
     CONFIGURING = "configuring"
     READY = "ready"
-    KEYED = "keyed"
-    ROSTERED = "rostered"
     TRAINING = "training"
     EVALUATING = "evaluating"
     CLOSED = "closed"
@@ -104,10 +103,16 @@ Action = Send | Work | Close
 class NodeRuntime:
     """State that outlives a hub connection: the data and the current run's trainer."""
 
-    def __init__(self, scan: FolderScan, *, name: str | None = None, device: str = "cpu"):
+    def __init__(self, scan: FolderScan, *, name: str | None = None, device: str = "cpu",
+                 sign: Callable[..., bytes] | None = None, directory: Any = None, dealer_key: Any = None):
         self.scan = scan
         self.name = name
         self.device = device
+        #: signs this node's statements with its long-term key (None: a node that cannot do secure rounds)
+        self.sign = sign
+        #: the other nodes' public keys (pairwise masking), and the pinned dealer key (dealer masking)
+        self.directory = directory
+        self.dealer_key = dealer_key
         self._images: dict[tuple[int, int], np.ndarray] = {}
         self._trainer_key: tuple[Any, ...] | None = None
         self.trainer: LocalTrainer | None = None
@@ -154,20 +159,30 @@ class NodeRuntime:
 
 
 class NodeSession:
-    """One hub connection's protocol state machine (see the module docstring)."""
+    """One hub connection's protocol state machine (see the module docstring).
 
-    def __init__(self, runtime: NodeRuntime, peer: str = "hub"):
+    Args:
+        runtime: the node's data, identity and trainer.
+        peer: how the hub is named in errors.
+        run_id: the run the hub authenticated with (the connection's context); a hello for another run is refused.
+    """
+
+    def __init__(self, runtime: NodeRuntime, peer: str = "hub", run_id: str | None = None):
         self.runtime = runtime
         self.peer = peer
         self.state = NodeState.HELLO
         self.node = runtime.name or ""
-        self.run_id = ""
+        self.run_id = run_id or ""
+        self._expected_run = run_id
         self.cfg: Config | None = None
         self.trainer: LocalTrainer | None = None
+        self.masker: Masker | None = None
         self._tickets = itertools.count(1)
         self._pending: dict[int, Callable[[Any], list[Action]]] = {}
         self._round: int | None = None
-        self._secagg: NodeSecAgg | None = None
+        self._last_round = 0
+        self._fields: dict[str, Any] = {}
+        self._trained: tuple[np.ndarray, dict[str, Any]] | None = None
 
     # -- entry points ------------------------------------------------------------------
 
@@ -176,21 +191,29 @@ class NodeSession:
         try:
             if msg.kind == Kind.BYE:
                 self.state = NodeState.CLOSED
-                return [Close("the hub ended the run")]
+                reason = msg.header.get("reason")
+                return [Close(f"the hub ended the run: {reason if isinstance(reason, str) else 'goodbye'}")]
             if msg.kind == Kind.ERROR:
                 self.state = NodeState.CLOSED
-                return [Close(f"the hub reported an error: {msg.header.get('reason', '?')}")]
+                return [Close(f"the hub reported an error: {str(msg.header.get('reason', '?'))[:2000]}")]
+            if self.masker is not None and msg.kind in self.masker.kinds and \
+                    self.state in (NodeState.TRAINING, NodeState.READY):
+                return self._on_masker(msg)
             handler = self._handlers().get((self.state, msg.kind))
             if handler is None:
                 raise ProtocolError(self.peer, f"unexpected {msg.kind!r} message in state {self.state.value}")
             return handler(msg)
         except PrimiaError as exc:
-            self.state = NodeState.CLOSED
-            return [Send(_error(str(exc))), Close(str(exc))]
+            return self._refuse(str(exc))
         except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
-            reason = f"protocol error with {self.peer}: malformed {msg.kind!r} ({type(exc).__name__}: {exc})"
-            self.state = NodeState.CLOSED
-            return [Send(_error(reason)), Close(reason)]
+            return self._refuse(f"protocol error with {self.peer}: malformed {msg.kind!r} ({type(exc).__name__}: {exc})")
+
+    def _refuse(self, reason: str) -> list[Action]:
+        """The hub broke the protocol: tell it why and close (the node dials again for a fresh session)."""
+        log.error("%s", reason)
+        self.state = NodeState.CLOSED
+        self._reset_round()
+        return [Send(_error(reason)), Close(reason)]
 
     def work_done(self, ticket: int, result: Any) -> list[Action]:
         then = self._pending.pop(ticket, None)
@@ -198,12 +221,16 @@ class NodeSession:
             return []  # the connection moved on (or closed) while the work ran
         try:
             return then(result)
+        except ProtocolError as exc:
+            return self._refuse(str(exc))
         except PrimiaError as exc:
             return self._fail_work(exc)
 
     def work_failed(self, ticket: int, exc: BaseException) -> list[Action]:
         if self._pending.pop(ticket, None) is None or self.state is NodeState.CLOSED:
             return []
+        if isinstance(exc, ProtocolError):
+            return self._refuse(str(exc))
         return self._fail_work(exc)
 
     def _fail_work(self, exc: BaseException) -> list[Action]:
@@ -227,11 +254,7 @@ class NodeSession:
         return {
             (NodeState.HELLO, Kind.HELLO): self._on_hello,
             (NodeState.CONFIGURE, Kind.CONFIGURE): self._on_configure,
-            (NodeState.READY, Kind.KEYS): self._on_keys,
-            (NodeState.KEYED, Kind.ROSTER): self._on_roster,
-            (NodeState.ROSTERED, Kind.TRAIN): self._on_train,
             (NodeState.READY, Kind.TRAIN): self._on_train,
-            (NodeState.TRAINING, Kind.UNMASK): self._on_unmask,
             (NodeState.READY, Kind.EVALUATE): self._on_evaluate,
         }
 
@@ -246,6 +269,8 @@ class NodeSession:
         if self.runtime.name and h["node"] != self.runtime.name:
             raise ProtocolError(self.peer, f"calls this node {h['node']!r}, but it was started as {self.runtime.name!r}; "
                                 "make federation.nodes[].name match the node's --name")
+        if self._expected_run is not None and h["run_id"] != self._expected_run:
+            raise ProtocolError(self.peer, f"says run {h['run_id']!r}, but authenticated for run {self._expected_run!r}")
         self.node, self.run_id = h["node"], h["run_id"]
         self.state = NodeState.CONFIGURE
         scan = self.runtime.scan
@@ -272,11 +297,16 @@ class NodeSession:
             raise ProtocolError(self.peer, "configure: classes must be distinct strings")
         if h["channels"] not in (1, 3):
             raise ProtocolError(self.peer, f"configure: channels must be 1 or 3, got {h['channels']}")
+        if cfg.aggregation.secure and self.runtime.sign is None:
+            raise ProtocolError(self.peer, "this run uses secure aggregation, but this node has no signing key")
         self.cfg = cfg
         node, run_id = self.node, self.run_id
 
         def configured(trainer: LocalTrainer) -> list[Action]:
             self.trainer = trainer
+            rt = self.runtime
+            context = NodeContext(node, run_id, rt.sign or _no_signing, rt.directory, rt.dealer_key)
+            self.masker = build_masker(cfg.aggregation, context, size=trainer.layout.size)
             self.state = NodeState.READY
             header = {
                 "layout": trainer.layout.as_plain(),
@@ -291,94 +321,56 @@ class NodeSession:
     # -- a training round ----------------------------------------------------------------
 
     def _reset_round(self) -> None:
-        self._round, self._secagg = None, None
-
-    def _on_keys(self, msg: Message) -> list[Action]:
-        """Secure round, stage 1: fresh keys for this round."""
-        assert self.cfg is not None
-        check(msg, self.peer, Kind.KEYS, {"round": int, "context": bytes})
-        if not self.cfg.aggregation.secure:
-            raise ProtocolError(self.peer, "asked for keys, but this run's aggregation is not secure")
-        agg = self.cfg.aggregation
-        self._round = msg.header["round"]
-        self._secagg = NodeSecAgg(self.node, msg.header["context"], agg.frac_bits, agg.ring_bits, agg.neighbours,
-                                  masking=agg.masking)
-        self.state = NodeState.KEYED
-        return [Send(Message(Kind.PUBLIC_KEY, {"round": self._round, "key": self._secagg.public_key()}))]
-
-    def _on_roster(self, msg: Message) -> list[Action]:
-        """Secure round, stage 2: the round's public keys; the masks are expanded while the weights arrive."""
-        assert self.trainer is not None and self._secagg is not None
-        secagg, size = self._secagg, self.trainer.layout.size
-        schema: dict[str, Any] = {"round": int, "keys": dict}
-        if secagg.masking == DEALER:
-            schema["dealer"] = bytes
-        check(msg, self.peer, Kind.ROSTER, schema)
-        self._check_round(msg)
-        keys = msg.header["keys"]
-        if not all(isinstance(k, str) for k in keys):
-            raise ProtocolError(self.peer, "roster: node names must be strings")
-        secagg.set_roster(keys, msg.header.get("dealer"))
-        self.state = NodeState.ROSTERED
-        return [self._work(lambda: secagg.expand_masks(size), lambda _: [], lane=MASK_LANE)]
+        self._round, self._trained, self._fields = None, None, {}
 
     def _on_train(self, msg: Message) -> list[Action]:
-        assert self.trainer is not None and self.cfg is not None
+        assert self.trainer is not None and self.cfg is not None and self.masker is not None
         size = self.trainer.layout.size
-        check(msg, self.peer, Kind.TRAIN, {"round": int, "lr": float, "weight": float},
-              {"weights": (np.float32, (size,))})
+        check(msg, self.peer, Kind.TRAIN, _header_schema(msg.header), {"weights": (np.float32, (size,))})
         h = msg.header
-        secure = self.state is NodeState.ROSTERED
-        if self.cfg.aggregation.secure and not secure:
-            raise ProtocolError(self.peer, "sent train before the round's keys and roster (secure aggregation)")
-        if secure:
-            self._check_round(msg)
-        if not 0.0 < h["weight"] <= 1.0:
+        if h["round"] <= self._last_round:
+            raise ProtocolError(self.peer, f"asks to train round {h['round']} after round {self._last_round}: "
+                                           "a round is trained once")
+        if "weight" in h and not 0.0 < h["weight"] <= 1.0:
             raise ProtocolError(self.peer, f"train: weight {h['weight']} is outside (0, 1]")
         if not np.isfinite(msg.arrays["weights"]).all():
             raise ProtocolError(self.peer, "train: the global weights contain NaN or infinity")
-        self._round = h["round"]
+        self._round, self._last_round = h["round"], h["round"]
+        self._fields = {k: v for k, v in h.items() if k not in ("round", "lr")}
         self.state = NodeState.TRAINING
+        self.masker.start_round(h["round"])
         trainer, weights, lr, round_index = self.trainer, msg.arrays["weights"], float(h["lr"]), h["round"]
-        weight = float(h["weight"])
-        return [self._work(lambda: trainer.train_round(round_index, weights, lr),
-                           lambda result: self._trained_then(result, weight))]
+        return [self._work(lambda: trainer.train_round(round_index, weights, lr), self._trained_then)]
 
-    def _trained_then(self, result: tuple[np.ndarray, TrainResult], weight: float) -> list[Action]:
+    def _on_masker(self, msg: Message) -> list[Action]:
+        assert self.masker is not None
+        replies, slow = self.masker.receive(msg)
+        actions: list[Action] = [Send(m) for m in replies]
+        if slow is not None:
+            actions.append(self._work(slow, lambda _: [], lane=MASK_LANE))
+        return actions + self._upload_if_ready()
+
+    def _trained_then(self, result: tuple[np.ndarray, TrainResult]) -> list[Action]:
         delta, figures = result
-        header = {"round": self._round, "train": figures.as_plain()}
-        secagg = self._secagg
-        if secagg is None:
+        self._trained = (delta, {"round": self._round, "train": figures.as_plain()})
+        return self._upload_if_ready()
+
+    def _upload_if_ready(self) -> list[Action]:
+        """Mask and send the trained update once the masker's set-up is complete (on the mask lane,
+        after any expansion it queued there)."""
+        masker, trained = self.masker, self._trained
+        if trained is None or masker is None or not masker.ready():
+            return []
+        self._trained = None
+        delta, header = trained
+        fields = dict(self._fields)
+
+        def masked_then(upload: np.ndarray) -> list[Action]:
+            # the masker's later stages (survivors, unmasking) may still come, and then the next round
             self.state = NodeState.READY
-            self._reset_round()
-            return [Send(Message(Kind.UPDATE, header, {"update": delta}))]
+            return [Send(Message(Kind.UPDATE, header, {"update": upload}))]
 
-        def masked_then(masked: np.ndarray) -> list[Action]:
-            if secagg.masking == DEALER:  # nothing to reveal: the dealer removes the mask
-                self.state = NodeState.READY
-                self._reset_round()
-            return [Send(Message(Kind.MASKED_UPDATE, header, {"masked": masked}))]
-
-        # on the mask lane, after expand_masks: the masks are ready when this runs
-        return [self._work(lambda: secagg.mask(delta, weight), masked_then, lane=MASK_LANE)]
-
-    def _on_unmask(self, msg: Message) -> list[Action]:
-        check(msg, self.peer, Kind.UNMASK, {"round": int, "included": list, "dropped": list})
-        self._check_round(msg)
-        if self._secagg is None:
-            raise ProtocolError(self.peer, "sent unmask in a round without secure aggregation")
-        h = msg.header
-        if not all(isinstance(n, str) for n in [*h["included"], *h["dropped"]]):
-            raise ProtocolError(self.peer, "unmask: node names must be strings")
-        self_seed, pair_seeds = self._secagg.reveal(list(h["included"]), list(h["dropped"]))
-        reply = Message(Kind.REVEAL, {"round": self._round, "self_seed": self_seed, "pair_seeds": pair_seeds})
-        self.state = NodeState.READY
-        self._reset_round()
-        return [Send(reply)]
-
-    def _check_round(self, msg: Message) -> None:
-        if msg.header["round"] != self._round:
-            raise ProtocolError(self.peer, f"{msg.kind}: round {msg.header['round']} while round {self._round} runs")
+        return [self._work(lambda: masker.mask(delta, fields), masked_then, lane=MASK_LANE)]
 
     # -- evaluation ------------------------------------------------------------------------
 
@@ -398,6 +390,15 @@ class NodeSession:
         return [self._work(lambda: trainer.evaluate(weights), evaluated)]
 
 
+def _header_schema(header: Any) -> dict[str, Any]:
+    """A train message's fields: the round, the learning rate and, in the masked modes, the node's weight."""
+    weight = {"weight": float} if isinstance(header, dict) and "weight" in header else {}
+    return {"round": int, "lr": float, **weight}
+
+
+def _no_signing(*fields: Any) -> bytes:
+    raise ProtocolError("hub", "this node has no signing key, so it cannot take part in secure aggregation")
+
+
 def _error(reason: str) -> Message:
     return Message(Kind.ERROR, {"reason": reason})
-

@@ -1,105 +1,137 @@
-"""Hub and nodes over :mod:`mpc.net`: authenticated websocket channels carrying :mod:`mpc.net.wire` messages.
+"""Hub, nodes and dealer over :mod:`mpc.net`: who dials whom, who proves what, and the wire.
 
-The hub dials each node (``ws://host:port``) and both prove they hold the
-node's shared secret (:mod:`mpc.net.auth`, mutual HMAC challenge-response):
-the hub's identity is ``"hub"``, the node's is its name.  Messages are a
-msgpack header plus raw array bytes, large arrays go out as 1 MiB fragments
-(keepalive pings pass in between), compression is off and ``max_size`` comes
-from ``federation.max_message_mib``.  This module only converts between
-:class:`fl.messages.Message` and the wire, and counts bytes.
+The hub listens (``federation.listen``); nodes and the dealer dial it
+(``ws://`` or ``wss://``), so no hospital opens an inbound port.  Every
+connection is authenticated both ways with long-term Ed25519 keys
+(:class:`mpc.net.auth.Identity`): the connecting side proves itself first, the
+hub answers only members listed in its config, and a node or dealer talks only
+to the hub whose key it pinned.  The handshake binds the federation (the hub's
+key), the run (the hub's run id), both names, fresh nonces and, on ``wss://``,
+the hub's TLS certificate.
+
+TLS is required whenever an end is off loopback, unless the config (or a
+``--allow-plaintext`` flag) says otherwise; then every start logs a warning.
+Messages are a msgpack header plus raw array bytes (:mod:`mpc.net.wire`),
+large arrays in 1 MiB fragments with keepalive pings in between.  This module
+only converts between :class:`fl.messages.Message` and the wire, and counts
+bytes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import ssl
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable, Mapping
+from urllib.parse import urlparse
 
-import msgpack
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from mpc.errors import ConfigError
-from mpc.net.auth import MIN_SECRET_BYTES
-from mpc.net.channel import Channel, ChannelOptions, Membership, serve
+from mpc.net.auth import Identity, fingerprint
+from mpc.net.channel import Channel, ChannelOptions
+from mpc.net.tls import client_context
 from mpc.net.wire import Limits
-from mpc.net.wire import Message as WireMessage
 
+from .config import is_loopback
 from .files import atomic_write
 from .messages import Message
 
 __all__ = [
-    "FL_SESSION",
     "HUB_ID",
     "DEALER_ID",
+    "session_for",
+    "hub_identity",
+    "member_identity",
     "limits_for",
     "options_for",
-    "membership",
-    "listen_for_hub",
+    "hub_uri",
+    "client_tls",
     "port_file_writer",
     "send",
     "recv",
-    "wire_size",
 ]
 
-#: the session every federation handshake binds to (the secret is per node)
-FL_SESSION = "primia-federation/v1"
+log = logging.getLogger("primia.transport")
+
 HUB_ID = "hub"
-#: the aggregation dealer's identity (aggregation.masking = 'dealer'; federation.dealer_token is its secret)
+#: the aggregation dealer's identity (aggregation.masking = 'dealer')
 DEALER_ID = "dealer"
-_PREFIX_BYTES = 12
-_ALIGN = 8
+
+
+def session_for(hub_key: Ed25519PublicKey) -> str:
+    """The session every handshake of a federation binds to: its hub's key."""
+    return "primia-federation/v2:" + fingerprint(hub_key).hex()
+
+
+def hub_identity(private_key: Ed25519PrivateKey, members: Mapping[str, Ed25519PublicKey]) -> Identity:
+    """The hub's identity: it accepts exactly ``members`` (nodes by name, and the dealer)."""
+    return Identity(HUB_ID, private_key, session_for(private_key.public_key()), dict(members))
+
+
+def member_identity(name: str, private_key: Ed25519PrivateKey, hub_key: Ed25519PublicKey) -> Identity:
+    """A node's or the dealer's identity: it talks to the hub whose key it pinned, and to nothing else."""
+    return Identity(name, private_key, session_for(hub_key), {HUB_ID: hub_key})
 
 
 def limits_for(max_message_mib: int) -> Limits:
     return Limits(max_message_bytes=max_message_mib << 20)
 
 
-def options_for(*, connect_timeout_s: float = 60.0) -> ChannelOptions:
-    return ChannelOptions(connect_timeout_s=connect_timeout_s)
+def options_for(*, connect_timeout_s: float = 60.0, handshake_timeout_s: float = 20.0,
+                max_unauthenticated: int = 64) -> ChannelOptions:
+    return ChannelOptions(connect_timeout_s=connect_timeout_s, handshake_deadline_s=handshake_timeout_s,
+                          max_unauthenticated=max_unauthenticated)
 
 
-def membership(local_id: str, token: str, *, what: str) -> Membership:
-    """The membership proof for ``local_id`` with a node's shared secret.
-
-    Raises:
-        ConfigError: the secret is shorter than :data:`mpc.net.auth.MIN_SECRET_BYTES`.
-    """
-    secret = token.encode("utf-8")
-    if len(secret) < MIN_SECRET_BYTES:
-        raise ConfigError(
-            f"{what}: the secret has {len(secret)} bytes; use at least {MIN_SECRET_BYTES} "
-            "(make one with `openssl rand -hex 32`)"
-        )
-    return Membership(local_id, secret, FL_SESSION)
-
-
-async def listen_for_hub(handler: Callable[[Channel], Awaitable[None]], host: str, port: int, *, who: str,
-                         membership: Membership, limits: Limits, tls: ssl.SSLContext | None) -> tuple[Any, int]:
-    """Listen on ``host:port`` for the hub alone (a node or the dealer); returns the server and the bound port.
+def hub_uri(value: Any, *, allow_plaintext: bool, option: str = "--hub") -> str:
+    """A checked hub address: ``ws://HOST:PORT`` (loopback, or with ``allow_plaintext``) or ``wss://HOST:PORT``.
 
     Raises:
-        ConfigError: the port cannot be used (``who`` names the listener in the message).
+        ConfigError: not such an address, a bad port, or plaintext to another machine without ``allow_plaintext``.
     """
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{option}: give the hub's address, e.g. wss://hub.example.org:8780")
+    url = urlparse(value)
     try:
-        server = await serve(
-            handler, host, port,
-            membership=membership,
-            accept=lambda peer: None if peer == HUB_ID else f"only the hub ({HUB_ID!r}) may connect",
-            label=lambda peer, address: f"hub at {address}",
-            limits=limits, options=options_for(), ssl=tls,
-        )
-    except OSError as exc:
-        raise ConfigError(f"{who} cannot listen on {host}:{port}: {exc.strerror or exc}; "
-                          "choose another --port (0 picks a free one)") from None
-    return server, server.sockets[0].getsockname()[1]
+        port = url.port
+    except ValueError:
+        raise ConfigError(f"{option}: {value!r:.80} has a port outside 0..65535") from None
+    if url.scheme not in ("ws", "wss") or not url.hostname or port is None or port == 0:
+        raise ConfigError(f"{option}: {value!r:.80} must look like wss://HOST:PORT (or ws://127.0.0.1:PORT on "
+                          "this machine)")
+    if url.scheme == "ws" and not is_loopback(url.hostname):
+        if not allow_plaintext:
+            raise ConfigError(
+                f"{option}: {value} is another machine, so the connection needs TLS: use wss://{url.hostname}:{port} "
+                "(and --tls-ca if the hub's certificate is from your own CA); pass --allow-plaintext only on a "
+                "network you trust"
+            )
+        log.warning("connecting to %s without TLS (--allow-plaintext): anyone on the path can read and alter the "
+                    "messages", value)
+    return value
+
+
+def client_tls(uri: str, ca_file: str | None) -> ssl.SSLContext | None:
+    """The TLS context for dialing ``uri``: None for ``ws://``; for ``wss://`` one trusting ``ca_file``
+    (or the system's certificate authorities)."""
+    if not uri.startswith("wss://"):
+        if ca_file:
+            log.warning("--tls-ca is ignored: %s is not a wss:// address", uri)
+        return None
+    if ca_file:
+        return client_context(ca_file)
+    return ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
 
 
 def port_file_writer(port_file: str | os.PathLike | None) -> Callable[[int], None]:
     """``on_ready`` for a server: writes {"port", "pid"} to ``port_file`` atomically (nothing without one)."""
     def ready(bound: int) -> None:
         if port_file is not None:
-            atomic_write(Path(port_file), lambda fh: fh.write(json.dumps({"port": bound, "pid": os.getpid()})), mode="w")
+            atomic_write(Path(port_file), lambda fh: fh.write(json.dumps({"port": bound, "pid": os.getpid()})),
+                         mode="w")
 
     return ready
 
@@ -112,18 +144,4 @@ async def send(channel: Channel, msg: Message) -> int:
 async def recv(channel: Channel) -> tuple[Message, int]:
     """The next message and its size on the wire (arrays are read-only views)."""
     wire = await channel.recv()
-    return Message(wire.kind, dict(wire.header), dict(wire.arrays)), wire_size(wire)
-
-
-def wire_size(wire: WireMessage) -> int:
-    """Bytes the sender put on the wire for ``wire`` (the same layout :func:`mpc.net.wire.encode_message` writes)."""
-    meta: dict[str, Any] = {
-        "kind": wire.kind,
-        "sender": wire.sender,
-        "session": wire.session,
-        "header": wire.header,
-        "arrays": [[name, arr.dtype.name, list(arr.shape)] for name, arr in wire.arrays.items()],
-    }
-    head = _PREFIX_BYTES + len(msgpack.packb(meta, use_bin_type=True))
-    body = sum(arr.nbytes + (-arr.nbytes % _ALIGN) for arr in wire.arrays.values())
-    return head + (-head % _ALIGN) + body
+    return Message(wire.kind, dict(wire.header), dict(wire.arrays)), wire.nbytes

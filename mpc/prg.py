@@ -87,6 +87,25 @@ class Stream:
         """Another stream under the same key (for material tied to a name, not a request)."""
         return Stream(self._key, stream_id)
 
+    def fill(self, out: np.ndarray) -> None:
+        """Overwrite the bytes of ``out`` (C-contiguous) with the next keystream bytes.
+
+        Reading a stream in pieces equals one long read as long as every piece but
+        the last is a multiple of 16 bytes (a position is a whole AES block).
+        """
+        if not out.flags.c_contiguous:
+            raise ValueError("a stream fills only C-contiguous arrays")
+        view = memoryview(out.reshape(-1)).cast("B")
+        _keystream_into(self._key, self._next_block, view)
+        self._next_block += -(-len(view) // _BLOCK)
+
+    def skip(self, nbytes: int) -> "Stream":
+        """Move ahead ``nbytes`` (a multiple of 16) without producing them; returns the stream."""
+        if nbytes < 0 or nbytes % _BLOCK:
+            raise ValueError(f"a stream skips whole {_BLOCK}-byte blocks, not {nbytes} bytes")
+        self._next_block += nbytes // _BLOCK
+        return self
+
     def _take(self, nbytes: int) -> np.ndarray:
         out = random_bytes(self._key, self._next_block, nbytes)
         self._next_block += -(-nbytes // _BLOCK)

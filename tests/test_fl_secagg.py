@@ -1,4 +1,4 @@
-"""Secure aggregation (fl.secagg) against plaintext FedAvg, and what the hub can see."""
+"""Pairwise secure aggregation (fl.pairwise) against plaintext FedAvg, what the hub can see, and a hub that deviates."""
 
 from __future__ import annotations
 
@@ -7,83 +7,88 @@ import itertools
 import numpy as np
 import pytest
 
-from fl.config import parse_config
+from fl import shamir
 from fl.errors import RoundFailed, TooFewNodes
-from fl.secagg import (
+from fl.graphs import components, holders, mask_graph
+from fl.masks import (
     RING_DTYPES,
-    HubSecAgg,
-    NodeSecAgg,
-    Stage,
     _MASK_CHUNK,
-    _apply_masks,
-    components,
+    apply_masks,
     decode_sum,
     encode_update,
-    mask_graph,
     prg_mask,
     update_limit,
 )
-from mpc.errors import ConfigError, EncodingRangeError, ProtocolError
+from fl.messages import Message
+from fl.pairwise import Kind, PairwiseAggregator, share_threshold
+from mpc.errors import ConfigError, EncodingRangeError
 from mpc.prg import Stream
 from mpc.ring import encode
 
+from .fl_helpers import base_config
+from .secagg_helpers import SecAggRound, fedavg
 
-def run_round(updates, weights, *, ring_bits=32, frac_bits=16, upload=None, min_nodes=2, neighbours=0):
-    """Run every stage; ``upload`` names the nodes whose masked update reaches the hub (default all)."""
-    names = sorted(updates)
-    size = len(next(iter(updates.values())))
-    hub = HubSecAgg(1, weights, size, frac_bits, ring_bits, min_nodes, neighbours=neighbours)
-    nodes = {n: NodeSecAgg(n, b"test|1", frac_bits, ring_bits, neighbours) for n in names}
-    for n in names:
-        hub.add_public_key(n, nodes[n].public_key())
-    roster = hub.close_keys()
-    views = {}
-    for n in names:
-        nodes[n].set_roster(roster)
-        masked = nodes[n].mask(updates[n], weights[n])
-        views[n] = masked.copy()
-        if upload is None or n in upload:
-            hub.add_masked(n, masked)
-    included, dropped = hub.close_uploads()
-    reveals = {}
-    for n in included:
-        reveals[n] = nodes[n].reveal(included, dropped)
-        hub.add_reveal(n, *reveals[n])
-    mean, inc = hub.result()
-    return mean, inc, dropped, views, reveals
+from fl.config import parse_config
 
 
-def fedavg(updates, weights, names):
-    total = sum(weights[n] * updates[n].astype(np.float64) for n in names)
-    return total / sum(weights[n] for n in names)
+def updates_for(rng, names, size=1000, scale=0.05):
+    return {n: rng.normal(scale=scale, size=size).astype(np.float32) for n in names}
 
 
 @pytest.mark.parametrize("ring_bits", [32, 64])
 @pytest.mark.parametrize("count", [2, 3, 5])
 def test_secure_sum_equals_fedavg_within_fixed_point_error(rng, ring_bits, count):
     names = [f"node{i}" for i in range(count)]
-    updates = {n: rng.normal(scale=0.05, size=1000).astype(np.float32) for n in names}
-    raw = rng.integers(1, 500, size=count)
-    weights = {n: float(w) / raw.sum() for n, w in zip(names, raw)}
-    frac_bits = 16
-    mean, included, dropped, _, _ = run_round(updates, weights, ring_bits=ring_bits, frac_bits=frac_bits)
-    assert included == names and dropped == []
-    bound = count * 2.0 ** -(frac_bits + 1)  # one rounding per node; the weights sum to one
-    err = np.abs(mean - fedavg(updates, weights, names)).max()
-    assert err <= bound
-    assert err > 0  # the result really went through fixed point
+    updates = updates_for(rng, names)
+    samples = {n: int(s) for n, s in zip(names, rng.integers(1, 500, size=count))}
+    r = SecAggRound(names, updates, ring_bits=ring_bits, samples=samples)
+    result = r.run()
+    assert result.included == names and result.dropped == []
+    bound = count * 2.0 ** -17  # one rounding per node; the weights sum to one
+    err = np.abs(result.mean - fedavg(updates, result.weights, names)).max()
+    assert 0 < err <= bound  # it really went through fixed point
 
 
 @pytest.mark.parametrize("ring_bits", [32, 64])
-def test_dropped_nodes_are_recovered_from_the_survivors_pair_seeds(rng, ring_bits):
+def test_nodes_lost_before_uploading_are_left_out(rng, ring_bits):
     names = ["a", "b", "c", "d", "e"]
-    updates = {n: rng.normal(size=777).astype(np.float32) for n in names}
-    weights = {n: 0.2 for n in names}
-    mean, included, dropped, _, reveals = run_round(updates, weights, ring_bits=ring_bits, upload={"a", "c", "e"})
-    assert included == ["a", "c", "e"] and dropped == ["b", "d"]
-    assert all(set(pairs) == {"b", "d"} for _, pairs in reveals.values())
-    survivors_weight = 0.6
-    assert np.abs(mean - fedavg(updates, weights, included)).max() <= 3 * 2.0**-17 / survivors_weight
+    updates = updates_for(rng, names, size=777, scale=1.0)
+    r = SecAggRound(names, updates, ring_bits=ring_bits)
+    r.lose = {"b": "before-upload", "d": "before-upload"}
+    result = r.run()
+    assert result.included == ["a", "c", "e"] and result.dropped == ["b", "d"]
+    # the hub opened b's and d's mask keys (their pair masks with the survivors), never their self masks
+    reveals = r.sent_by_nodes(Kind.REVEAL)
+    assert {n for n, _ in reveals} == {"a", "c", "e"}
+    for _, msg in reveals:
+        assert set(msg.header["key_shares"]) <= {"b", "d"} and not set(msg.header["self_shares"]) & {"b", "d"}
+    assert np.abs(result.mean - fedavg(updates, result.weights, result.included)).max() <= 3 * 2.0**-17 / 0.6
+
+
+@pytest.mark.parametrize("neighbours", [0, 2])
+def test_a_node_lost_right_after_uploading_is_counted_from_its_partners_shares(rng, neighbours):
+    """The reviewer's case: 4 nodes, neighbours = 2, one killed just after its upload.  Its update counts."""
+    names = ["a", "b", "c", "d"]
+    updates = updates_for(rng, names, size=555)
+    r = SecAggRound(names, updates, neighbours=neighbours)
+    r.lose = {"c": "upload"}
+    result = r.run()
+    assert result.included == names and result.dropped == []
+    assert np.abs(result.mean - fedavg(updates, result.weights, names)).max() <= 4 * 2.0**-17
+    assert "c" not in {n for n, _ in r.sent_by_nodes(Kind.REVEAL)}  # c revealed nothing: it was gone
+
+
+def test_too_many_lost_shareholders_fail_the_round_naming_the_node(rng):
+    """Ring of 5 (neighbours 2): b's shares are held by a, b and c (2 needed); with b and c gone after uploading,
+    b's self mask can no longer be opened, and the round fails before anyone is asked to reveal."""
+    names = ["a", "b", "c", "d", "e"]
+    r = SecAggRound(names, updates_for(rng, names, size=100), neighbours=2, min_nodes=2)
+    r.lose = {"b": "upload", "c": "upload"}
+    with pytest.raises(RoundFailed, match=r"b's shares can no longer be opened: 1 of its holders \['a', 'b', 'c'\]") \
+            as info:
+        r.run()
+    assert info.value.stage == "upload"
+    assert not r.sent_by_nodes(Kind.SIGNATURE) and not r.sent_by_nodes(Kind.REVEAL)
 
 
 def _chi_square_uniform(values: np.ndarray, bins: int) -> float:
@@ -101,102 +106,209 @@ def _assert_uniform_ring32(view: np.ndarray) -> None:
     assert abs(view.astype(np.float64).mean() / 2.0**32 - 0.5) < 0.01
 
 
-@pytest.mark.parametrize("upload", [None, {"a", "b"}])
-def test_the_hubs_view_of_one_update_is_uniform(upload):
-    """What the hub holds about node a — its masked upload, and after unmasking that upload minus
-    every mask the hub can recompute — is uniformly random, whatever a's update is."""
+@pytest.mark.parametrize("lose", [{}, {"c": "before-upload"}, {"a": "upload"}])
+def test_the_hubs_view_of_one_upload_is_uniform(lose):
+    """What the hub holds about node a — its masked upload, and that upload minus every mask the hub can
+    recompute from what the nodes revealed — is uniformly random, whatever a's update is."""
     size = 1 << 16
     names = ["a", "b", "c"]
     for fill in (0.0, 1000.0):  # an all-zero update and a large constant one: both look uniform
         updates = {n: np.full(size, fill if n == "a" else 0.5, dtype=np.float32) for n in names}
-        weights = {n: 1 / 3 for n in names}
-        _, included, dropped, views, reveals = run_round(updates, weights, upload=upload)
-        upload_a = views["a"]
+        r = SecAggRound(names, updates)
+        r.lose = dict(lose)
+        r.run()
+        upload_a = r.uploads["a"]
         _assert_uniform_ring32(upload_a)
-        self_seed, pair_seeds = reveals["a"]
+        # a's self-mask seed is opened (a is a survivor): remove it; a's pair masks stay, as the hub cannot
+        # know them while b and c are survivors (only a dropped node's mask key is opened)
+        shares = {}
+        for node, msg in r.sent_by_nodes(Kind.REVEAL):
+            if "a" in msg.header["self_shares"]:
+                shares[sorted(names).index(node) + 1] = msg.header["self_shares"]["a"]
+        self_seed = shamir.combine(shares, share_threshold(3))
         residue = upload_a - prg_mask(self_seed, size, 32)
-        for d, seed in pair_seeds.items():
-            residue = residue - prg_mask(seed, size, 32) if "a" < d else residue + prg_mask(seed, size, 32)
-        # the hub removed everything it can; what is left of a's update is still masked by b's pair mask
         _assert_uniform_ring32(residue)
-        assert not np.array_equal(residue, encode_update(updates["a"], weights["a"], frac_bits=16, ring_bits=32))
+        assert not np.array_equal(residue, encode_update(updates["a"], 1 / 3, frac_bits=16, ring_bits=32))
 
 
-def test_nodes_refuse_reveals_that_would_expose_an_update():
+# -- a hub that deviates ---------------------------------------------------------------------------
+
+
+def _signed_survivors(r: SecAggRound) -> dict[str, tuple[list[str], bytes]]:
+    """The survivor set each node was shown and its signature on it."""
+    shown = {peer: msg.header["survivors"] for peer, msg in r.to_peers if msg.kind == Kind.SURVIVORS}
+    return {n: (shown[n], m.header["signature"]) for n, m in r.sent_by_nodes(Kind.SIGNATURE)}
+
+
+def _inconsistent_views(victim: str, names: list[str]):
+    """The reviewer's attack: the victim is told nobody dropped, the others that the victim dropped."""
+    def hub_to(peer: str, msg: Message) -> Message:
+        if msg.kind == Kind.SURVIVORS and peer != victim:
+            return Message(msg.kind, {**msg.header, "survivors": [n for n in names if n != victim]})
+        return msg
+    return hub_to
+
+
+def _relay_every_signature(r: SecAggRound):
+    """The hub passes every survivor signature it got to every node, to reach the thresholds."""
+    def hub_to(peer: str, msg: Message) -> Message:
+        if msg.kind == Kind.SIGNATURES:
+            everything = {n: sig for n, (_, sig) in _signed_survivors(r).items()}
+            return Message(msg.kind, {**msg.header, "signatures": everything})
+        return msg
+    return hub_to
+
+
+def _chain(*hooks):
+    def hub_to(peer, msg):
+        for hook in hooks:
+            msg = hook(peer, msg)
+            if msg is None:
+                return None
+        return msg
+    return hub_to
+
+
+class DeviatingHub(PairwiseAggregator):
+    """A hub that skips its own check of the nodes' survivor signatures (it wants every one it can relay)."""
+
+    def _on_signature(self, peer, msg):
+        rnd = self._expect(peer, msg, "consistency")
+        rnd.signatures[peer] = msg.header["signature"]
+        rnd.waiting.discard(peer)
+        return self._advance()
+
+
+@pytest.mark.parametrize("names", [["a", "b", "c"], ["a", "b", "c", "d"]])
+def test_malicious_hub_shows_different_survivor_sets(rng, names):
+    """Victim a is shown U = everyone, the others U without a; the hub relays every signature it has.
+    Every node finds a signature that is not on its own set: nobody reveals anything, and each names the
+    inconsistency."""
+    r = SecAggRound(names, updates_for(rng, names, size=64), aggregator=DeviatingHub)
+    r.hub_to = _chain(_inconsistent_views("a", names), _relay_every_signature(r))
+    with pytest.raises((RoundFailed, TooFewNodes)):
+        r.run()
+    assert not r.sent_by_nodes(Kind.REVEAL)
+    assert set(r.refusals) == set(names)
+    assert all("inconsistent views" in reason for reason in r.refusals.values())
+
+
+def test_malicious_hub_relays_each_group_only_its_own_signatures(rng):
+    """The split without mixing: the victim sees only its own signature and refuses (below the threshold); the
+    others' view is a legitimate dropout of a, so they may open a's mask KEY — but never a's self mask, so the
+    hub learns nothing about a's update."""
     names = ["a", "b", "c"]
-    nodes = {n: NodeSecAgg(n, b"ctx", 16, 32) for n in names}
-    roster = {n: nodes[n].public_key() for n in names}
-    for n in names:
-        nodes[n].set_roster(roster)
-        nodes[n].mask(np.zeros(4, np.float32), 1 / 3)
-    with pytest.raises(ProtocolError, match="alone"):
-        nodes["a"].reveal(["a"], ["b", "c"])
-    with pytest.raises(ProtocolError, match="partition"):
-        nodes["a"].reveal(["a", "b"], ["b", "c"])
-    with pytest.raises(ProtocolError, match="partition"):
-        nodes["a"].reveal(["a", "b"], [])
-    with pytest.raises(ProtocolError, match="not included"):
-        nodes["a"].reveal(["b", "c"], ["a"])
-    nodes["a"].reveal(["a", "b"], ["c"])
-    with pytest.raises(ProtocolError, match="stage"):
-        nodes["a"].reveal(["a", "b", "c"], [])  # a second reveal could expose an update
+    r = SecAggRound(names, updates_for(rng, names, size=64), aggregator=DeviatingHub)
+
+    def own_group(peer, msg):
+        if msg.kind == Kind.SIGNATURES:
+            mine = _signed_survivors(r)[peer][0]
+            same = {n: sig for n, (shown, sig) in _signed_survivors(r).items() if shown == mine}
+            return Message(msg.kind, {**msg.header, "signatures": same})
+        return msg
+
+    r.hub_to = _chain(_inconsistent_views("a", names), own_group)
+    with pytest.raises(Exception):
+        r.run()
+    assert "only 1 node(s) signed" in r.refusals["a"]
+    self_shares_of_a = [m for n, m in r.sent_by_nodes(Kind.REVEAL) if "a" in m.header["self_shares"]]
+    assert self_shares_of_a == []  # a's self mask stays closed: y_a is still masked by PRG(b_a)
 
 
-def test_roster_must_hold_the_nodes_own_key():
-    node = NodeSecAgg("a", b"ctx", 16, 32)
-    with pytest.raises(ProtocolError, match="this node's public key"):
-        node.set_roster({"a": bytes(32), "b": NodeSecAgg("b", b"ctx", 16, 32).public_key()})
+def test_malicious_hub_shows_a_subset_below_the_threshold(rng):
+    names = ["a", "b", "c", "d"]
+    r = SecAggRound(names, updates_for(rng, names, size=64))
+    r.hub_to = lambda peer, msg: (Message(msg.kind, {**msg.header, "survivors": [peer, "b" if peer != "b" else "c"]})
+                                  if msg.kind == Kind.SURVIVORS else msg)
+    with pytest.raises(Exception):
+        r.run()
+    assert not r.sent_by_nodes(Kind.SIGNATURE) and not r.sent_by_nodes(Kind.REVEAL)
+    assert all("below the threshold 3" in reason for reason in r.refusals.values())
 
 
-def test_hub_validates_every_secure_aggregation_message():
-    hub = HubSecAgg(3, {"a": 0.5, "b": 0.5}, 10, 16, 32, 2)
-    with pytest.raises(ProtocolError, match="32 bytes"):
-        hub.add_public_key("a", b"short")
-    with pytest.raises(ProtocolError, match="not part"):
-        hub.add_public_key("z", bytes(32))
-    a, b = NodeSecAgg("a", b"c", 16, 32), NodeSecAgg("b", b"c", 16, 32)
-    hub.add_public_key("a", a.public_key())
-    with pytest.raises(ProtocolError, match="twice"):
-        hub.add_public_key("a", a.public_key())
-    hub.add_public_key("b", b.public_key())
-    hub.close_keys()
-    with pytest.raises(ProtocolError, match="uint32"):
-        hub.add_masked("a", np.zeros(10, np.uint64))
-    with pytest.raises(ProtocolError, match=r"\(10,\)"):
-        hub.add_masked("a", np.zeros(11, np.uint32))
-    hub.add_masked("a", np.zeros(10, np.uint32))
-    with pytest.raises(ProtocolError, match="twice"):
-        hub.add_masked("a", np.zeros(10, np.uint32))
-    hub.add_masked("b", np.zeros(10, np.uint32))
-    hub.close_uploads()
-    with pytest.raises(ProtocolError, match="16 bytes"):
-        hub.add_reveal("a", b"x", {})
-    with pytest.raises(ProtocolError, match="exactly the dropped"):
-        hub.add_reveal("a", bytes(16), {"b": bytes(16)})
+def test_malicious_hub_swaps_two_nodes_round_keys(rng):
+    """The roster names b's keys as c's and c's as b's: the signatures bind the name, every node refuses."""
+    names = ["a", "b", "c"]
+    r = SecAggRound(names, updates_for(rng, names, size=64))
+
+    def swap(peer, msg):
+        if msg.kind == Kind.ROSTER:
+            keys = dict(msg.header["keys"])
+            keys["b"], keys["c"] = keys["c"], keys["b"]
+            return Message(msg.kind, {**msg.header, "keys": keys})
+        return msg
+
+    r.hub_to = swap
+    with pytest.raises(Exception):
+        r.run()
+    assert not r.sent_by_nodes(Kind.SHARES) and not r.uploads
+    assert "are not signed by" in r.refusals["a"]
 
 
-def test_a_node_lost_during_unmask_fails_the_round():
-    hub = HubSecAgg(7, {"a": 0.5, "b": 0.5}, 4, 16, 32, 2)
-    for n in "ab":
-        hub.add_public_key(n, NodeSecAgg(n, b"c", 16, 32).public_key())
-    hub.close_keys()
-    hub.node_lost("a", "gone")  # before the included set is fixed: not fatal here
-    for n in "ab":
-        hub.add_masked(n, np.zeros(4, np.uint32))
-    hub.close_uploads()
-    with pytest.raises(RoundFailed, match="round 7 failed during unmask"):
-        hub.node_lost("b", "connection reset")
+def test_malicious_hub_substitutes_its_own_key_for_a_node(rng):
+    """The hub replaces c's mask key with one it made (signed by a key it holds, not c's)."""
+    from fl.pairwise import _key_statement
+    from fl.masks import x25519_public
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from .fl_helpers import private_key
+
+    names = ["a", "b", "c"]
+    r = SecAggRound(names, updates_for(rng, names, size=64))
+    mine = x25519_public(X25519PrivateKey.generate())
+
+    def substitute(peer, msg):
+        if msg.kind == Kind.ROSTER:
+            keys = dict(msg.header["keys"])
+            entry = dict(keys["c"], mask_key=mine)
+            entry["signature"] = private_key("hub").sign(b"x")  # the hub's own key cannot sign as c
+            keys["c"] = entry
+            return Message(msg.kind, {**msg.header, "keys": keys})
+        return msg
+
+    r.hub_to = substitute
+    with pytest.raises(Exception):
+        r.run()
+    assert "round keys of 'c' are not signed by 'c'" in r.refusals["a"]
+    assert not r.uploads
 
 
-def test_too_few_uploads_is_a_named_error():
-    hub = HubSecAgg(2, {"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}, 4, 16, 32, 2)
-    for n in "abc":
-        hub.add_public_key(n, NodeSecAgg(n, b"c", 16, 32).public_key())
-    hub.close_keys()
-    hub.add_masked("a", np.zeros(4, np.uint32))
-    with pytest.raises(TooFewNodes, match="only 1 node"):
-        hub.close_uploads()
-    assert hub.stage is Stage.MASKED
+def test_malicious_hub_replays_a_signature_from_an_earlier_round(rng):
+    """Round 2's signature set holds b's signature from round 1 (the same survivors): it does not verify."""
+    names = ["a", "b", "c"]
+    updates = updates_for(rng, names, size=64)
+    first = SecAggRound(names, updates, number=1)
+    first.run()
+    old = dict(_signed_survivors(first))
+    second = SecAggRound(names, updates, number=2, aggregator=DeviatingHub)
+
+    def replay(peer, msg):
+        if msg.kind == Kind.SIGNATURES:
+            sigs = dict(msg.header["signatures"])
+            sigs["b"] = old["b"][1]
+            return Message(msg.kind, {**msg.header, "signatures": sigs})
+        return msg
+
+    second.hub_to = replay
+    with pytest.raises(Exception):
+        second.run()
+    assert "'b' did not sign the survivor set" in second.refusals["a"]
+    assert {n for n, _ in second.sent_by_nodes(Kind.REVEAL)} <= {"b"}  # at most b, which saw its own round-2 set
+
+
+def test_survivor_order_does_not_matter(rng):
+    """Sets, not lists: a hub that sends the survivors in another order to each node is not an inconsistency."""
+    names = ["a", "b", "c"]
+    updates = updates_for(rng, names, size=64)
+    r = SecAggRound(names, updates)
+    r.hub_to = lambda peer, msg: (Message(msg.kind, {**msg.header, "survivors": sorted(msg.header["survivors"],
+                                                                                        reverse=peer == "b")})
+                                  if msg.kind == Kind.SURVIVORS else msg)
+    result = r.run()
+    assert result.included == names
+
+
+# -- pieces: fixed point, masks, graphs, Shamir ---------------------------------------------------------
 
 
 def test_encoding_checks_the_range_that_keeps_the_sum_from_wrapping():
@@ -214,16 +326,7 @@ def test_encoding_checks_the_range_that_keeps_the_sum_from_wrapping():
         assert np.array_equal(back, values)
 
 
-def test_masks_come_from_the_seeded_stream_and_differ_between_seeds():
-    seed = bytes(range(16))
-    first = prg_mask(seed, 1001, 32)
-    assert first.shape == (1001,) and first.dtype == np.uint32
-    assert np.array_equal(first, prg_mask(seed, 1001, 32))
-    assert not np.array_equal(first, prg_mask(bytes(16), 1001, 32))
-    assert prg_mask(seed, 5, 64).dtype == np.uint64
-
-
-def test_the_fused_encoding_equals_mpc_ring_encode_and_the_masks_equal_mpc_prg():
+def test_the_fused_encoding_equals_mpc_ring_encode_and_the_masks_are_mpc_prg_streams():
     rng = np.random.default_rng(5)
     values = rng.normal(scale=3.0, size=70_001).astype(np.float32)
     ties = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5]) * 2.0**-16  # round half to even, as np.rint
@@ -237,6 +340,7 @@ def test_the_fused_encoding_equals_mpc_ring_encode_and_the_masks_equal_mpc_prg()
             words = -(-count * ring_bits // 64)
             want = Stream(seed, 0).ring(words).view(dtype)[:count]
             assert np.array_equal(prg_mask(seed, count, ring_bits), want)
+    assert not np.array_equal(prg_mask(bytes(16), 100, 32), prg_mask(bytes(range(16)), 100, 32))
 
 
 @pytest.mark.parametrize("ring_bits", [32, 64])
@@ -245,9 +349,9 @@ def test_masks_applied_in_threads_equal_one_thread(ring_bits):
     masks = [(bytes([i]) * 16, 1 if i % 2 else -1) for i in range(1, 6)]
     base = np.arange(size, dtype=RING_DTYPES[ring_bits])
     one, two = base.copy(), base.copy()
-    _apply_masks(one, masks, ring_bits, threads=1)
+    apply_masks(one, masks, ring_bits, threads=1)
     decoded = np.empty(size)
-    _apply_masks(two, masks, ring_bits, threads=3, decode_into=decoded, decode_scale=0.25)
+    apply_masks(two, masks, ring_bits, threads=3, decode_into=decoded, decode_scale=0.25)
     assert np.array_equal(one, two)
     want = base.copy()
     for seed, sign in masks:
@@ -255,9 +359,6 @@ def test_masks_applied_in_threads_equal_one_thread(ring_bits):
     assert np.array_equal(one, want)
     signed = one.view(np.int32 if ring_bits == 32 else np.int64).astype(np.float64)
     assert np.array_equal(decoded, signed * 0.25)
-
-
-# -- sparse mask graphs (aggregation.neighbours, SecAgg+) ------------------------------------
 
 
 @pytest.mark.parametrize("n", [3, 4, 5, 7, 8, 10, 11])
@@ -274,6 +375,7 @@ def test_the_mask_graph_is_harary_k_connected(n, k):
     # connected after removing any want - 1 nodes (Harary graphs are k-connected)
     for gone in itertools.combinations(names, want - 1):
         assert len(components(graph, [x for x in names if x not in gone])) == 1, gone
+    assert all(holders(graph, a) == sorted(graph[a] | {a}) for a in names)
 
 
 def test_a_mask_graph_of_one_neighbour_is_refused():
@@ -285,87 +387,51 @@ def test_a_mask_graph_of_one_neighbour_is_refused():
 @pytest.mark.parametrize("neighbours", [2, 3, 4])
 def test_sparse_graph_sum_equals_fedavg(rng, ring_bits, neighbours):
     names = [f"node{i}" for i in range(10)]
-    updates = {n: rng.normal(scale=0.05, size=999).astype(np.float32) for n in names}
-    raw = rng.integers(1, 500, size=len(names))
-    weights = {n: float(w) / raw.sum() for n, w in zip(names, raw)}
-    mean, included, dropped, _, _ = run_round(updates, weights, ring_bits=ring_bits, neighbours=neighbours)
-    assert included == names and dropped == []
-    err = np.abs(mean - fedavg(updates, weights, names)).max()
+    updates = updates_for(rng, names, size=999)
+    samples = {n: int(s) for n, s in zip(names, rng.integers(1, 500, size=len(names)))}
+    result = SecAggRound(names, updates, ring_bits=ring_bits, neighbours=neighbours, samples=samples).run()
+    assert result.included == names and result.dropped == []
+    err = np.abs(result.mean - fedavg(updates, result.weights, names)).max()
     assert 0 < err <= len(names) * 2.0**-17  # one rounding per node; the weights sum to one
 
 
-def test_sparse_graph_dropouts_are_recovered_from_the_partners_seeds_only(rng):
+def test_sparse_graph_dropouts_open_only_the_partners_keys(rng):
     names = [f"n{i}" for i in range(8)]  # ring of neighbours 2: n0-n1-...-n7-n0
-    updates = {n: rng.normal(size=555).astype(np.float32) for n in names}
-    weights = {n: 1 / 8 for n in names}
-    upload = set(names) - {"n3"}
-    mean, included, dropped, _, reveals = run_round(updates, weights, upload=upload, neighbours=2)
-    assert dropped == ["n3"]
-    assert {n for n, (_, pairs) in reveals.items() if pairs} == {"n2", "n4"}  # only n3's partners reveal
-    assert all(set(pairs) <= {"n3"} for _, pairs in reveals.values())
-    assert np.abs(mean - fedavg(updates, weights, included)).max() <= 7 * 2.0**-17 / (7 / 8)
+    updates = updates_for(rng, names, size=555, scale=1.0)
+    r = SecAggRound(names, updates, neighbours=2)
+    r.lose = {"n3": "before-upload"}
+    result = r.run()
+    assert result.dropped == ["n3"]
+    holders_of_keys = {n for n, m in r.sent_by_nodes(Kind.REVEAL) if "n3" in m.header["key_shares"]}
+    assert holders_of_keys == {"n2", "n4"}  # n3's partners, the holders of its shares
+    assert np.abs(result.mean - fedavg(updates, result.weights, result.included)).max() <= 7 * 2.0**-17 / (7 / 8)
 
 
-def test_dropouts_that_split_the_mask_graph_fail_the_round_cleanly():
-    names = [f"n{i}" for i in range(6)]
-    weights = {n: 1 / 6 for n in names}
-    hub = HubSecAgg(4, weights, 8, 16, 32, 2, neighbours=2)
-    nodes = {n: NodeSecAgg(n, b"ctx", 16, 32, 2) for n in names}
-    for n in names:
-        hub.add_public_key(n, nodes[n].public_key())
-    roster = hub.close_keys()
-    for n in names:
-        nodes[n].set_roster(roster)
-        if n not in ("n1", "n4"):  # the ring n0-...-n5-n0 without n1 and n4: {n0, n5} and {n2, n3}
-            hub.add_masked(n, nodes[n].mask(np.zeros(8, np.float32), 1 / 6))
-    with pytest.raises(RoundFailed, match=r"round 4 failed during masked.*\[\['n0', 'n5'\], \['n2', 'n3'\]\].*neighbours"):
-        hub.close_uploads()
-    assert hub.stage is Stage.MASKED and not hub.revealed  # nothing was asked of the nodes
-    # a node refuses to unmask such a set as well (a hub that skipped the check learns nothing more)
-    with pytest.raises(ProtocolError, match="falls apart"):
-        nodes["n0"].reveal(["n0", "n2", "n3", "n5"], ["n1", "n4"])
-    assert nodes["n0"].stage is Stage.MASKED
+@pytest.mark.parametrize("threshold, holders_", [(1, [1]), (2, [1, 2, 3]), (3, [2, 5, 7, 9, 11]), (6, list(range(1, 11)))])
+def test_shamir_opens_from_any_threshold_shares_and_checks_the_rest(threshold, holders_):
+    secret = bytes(range(16))
+    shares = shamir.split(secret, threshold, holders_)
+    for subset in itertools.islice(itertools.combinations(sorted(shares), threshold), 20):
+        assert shamir.combine({x: shares[x] for x in subset}, threshold) == secret
+    assert shamir.combine(shares, threshold) == secret
+    if len(shares) > threshold:
+        x = max(shares)
+        bad = dict(shares)
+        bad[x] = (int.from_bytes(bad[x], "big") ^ 1).to_bytes(shamir.SHARE_BYTES, "big")
+        with pytest.raises(shamir.ShareMismatch):
+            shamir.combine(bad, threshold)
+    if threshold > 1:
+        with pytest.raises(ValueError, match="cannot open"):
+            shamir.combine(dict(list(shares.items())[: threshold - 1]), threshold)
 
 
-def test_the_hub_wants_pair_seeds_with_dropped_partners_only():
-    names = [f"n{i}" for i in range(6)]
-    hub = HubSecAgg(1, {n: 1 / 6 for n in names}, 4, 16, 32, 2, neighbours=2)
-    for n in names:
-        hub.add_public_key(n, NodeSecAgg(n, b"c", 16, 32, 2).public_key())
-    hub.close_keys()
-    for n in names:
-        if n != "n3":
-            hub.add_masked(n, np.zeros(4, np.uint32))
-    hub.close_uploads()
-    assert hub.expected_pair_seeds("n2") == ["n3"] and hub.expected_pair_seeds("n0") == []
-    with pytest.raises(ProtocolError, match="exactly the dropped nodes it masks with"):
-        hub.add_reveal("n0", bytes(16), {"n3": bytes(16)})  # n0 does not mask with n3
-    with pytest.raises(ProtocolError, match="exactly the dropped nodes it masks with"):
-        hub.add_reveal("n2", bytes(16), {})
-
-
-@pytest.mark.parametrize("upload", [None, set("abcdf")])
-def test_the_hubs_view_of_one_update_is_uniform_with_a_sparse_graph(upload):
-    """With 6 nodes on a ring (neighbours 2), node a masks with b and f only; what the hub holds
-    about a — its upload, and that upload minus every mask the hub can recompute after the
-    unmask (a's self mask, a's pair masks with dropped partners) — is uniform."""
-    size = 1 << 16
-    names = list("abcdef")
-    for fill in (0.0, 1000.0):
-        updates = {n: np.full(size, fill if n == "a" else 0.5, dtype=np.float32) for n in names}
-        weights = {n: 1 / 6 for n in names}
-        _, included, dropped, views, reveals = run_round(updates, weights, upload=upload, neighbours=2)
-        _assert_uniform_ring32(views["a"])
-        self_seed, pair_seeds = reveals["a"]
-        assert set(pair_seeds) == set() and set(dropped) == (set() if upload is None else {"e"})
-        residue = views["a"] - prg_mask(self_seed, size, 32)
-        _assert_uniform_ring32(residue)
-        # the same for d, whose partner e dropped: its pair mask with c still hides its update
-        self_seed, pair_seeds = reveals["d"]
-        residue = views["d"] - prg_mask(self_seed, size, 32)
-        for partner, seed in pair_seeds.items():
-            residue = residue - prg_mask(seed, size, 32) if "d" < partner else residue + prg_mask(seed, size, 32)
-        _assert_uniform_ring32(residue)
+def test_shamir_shares_below_the_threshold_say_nothing_about_the_secret():
+    """t - 1 shares of two different secrets are identically distributed: a single share is uniform."""
+    firsts = [int.from_bytes(shamir.split(bytes(16), 2, [1, 2])[1], "big") for _ in range(2000)]
+    others = [int.from_bytes(shamir.split(b"\xff" * 16, 2, [1, 2])[1], "big") for _ in range(2000)]
+    for sample in (firsts, others):
+        top = np.array([v >> 122 for v in sample])  # the top 8 bits of a 130-bit field element
+        assert 0.4 < (top < 128).mean() < 0.6
 
 
 @pytest.mark.parametrize(("value", "message"), [
@@ -374,21 +440,10 @@ def test_the_hubs_view_of_one_update_is_uniform_with_a_sparse_graph(upload):
     ("4", "aggregation.neighbours"),
 ])
 def test_neighbours_config_errors_name_the_key(value, message):
-    raw = {
-        "federation": {"nodes": [{"name": f"n{i}", "address": f"ws://127.0.0.1:{9000 + i}", "token": "x" * 32}
-                                 for i in range(4)]},
-        "aggregation": {"neighbours": value},
-    }
     with pytest.raises(ConfigError, match=message):
-        parse_config(raw)
+        parse_config(base_config(["a", "b", "c", "d"], aggregation={"neighbours": value}))
 
 
 def test_neighbours_config_is_read_and_sent_to_the_nodes():
-    raw = {
-        "federation": {"nodes": [{"name": f"n{i}", "address": f"ws://127.0.0.1:{9000 + i}", "token": "x" * 32}
-                                 for i in range(4)]},
-        "aggregation": {"neighbours": 2},
-    }
-    cfg = parse_config(raw)
+    cfg = parse_config(base_config(["a", "b", "c", "d"], aggregation={"neighbours": 2}))
     assert cfg.aggregation.neighbours == 2 and cfg.node_spec()["aggregation"]["neighbours"] == 2
-    assert parse_config({**raw, "aggregation": {}}).aggregation.neighbours == 0

@@ -90,7 +90,8 @@ _ROLE_SERVER = b"server"
 #: close reasons a server sends when it refuses a client, and what each means to the client
 REFUSALS = {
     "version": "it speaks another handshake version; run the same primia version on both sides",
-    "session": "it belongs to another session or federation (check the hub's public key and the session name)",
+    "session": "it belongs to another session or federation: check the hub's public key (--hub-key) or the "
+               "session name",
     "wrong-endpoint": "it is not the endpoint this side dialled (check the address and the peer's name)",
     "unknown-identity": "it does not know this side's name: add it (with its public key) to the peer's config",
     "bad-proof": "this side's proof did not verify: wrong secret, or a key that is not the one the peer has "
