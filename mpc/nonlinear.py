@@ -33,7 +33,8 @@ import numpy as np
 from .fss import drelu_fss
 from .fss.material import max_batch as fss_max_batch
 from .protocols.beaver import beaver
-from .protocols.compare import MAX_COMPARE_ELEMENTS, DRelu, drelu_bitwise
+from .protocols.compare import drelu_bitwise
+from .protocols.drelu import MAX_COMPARE_ELEMENTS, DRelu
 from .protocols.truncation import truncate
 from .ring import encode
 
@@ -84,8 +85,11 @@ _builtin_min = min
 def drelu(ctx: "Context", d: np.ndarray, *, with_x: bool = False, payloads: Sequence[np.ndarray] = ()) -> DRelu:
     """Shares of [d >= 0] (and [d >= 0] * d, * z_k) by ``ctx.comparison``, for flat ring arrays.
 
-    A batch larger than one dealer request may hold (8 M comparisons; fewer
-    for 64-bit FSS keys) runs as several requests, one after the other.
+    In a domain narrower than 64 bits the overflow terms go to the context's
+    zero check (``ctx.check_comparisons``, run by ``reveal``), labelled with
+    the current ``ctx.comparison_scope``.  A batch larger than one dealer
+    request may hold (8 M comparisons; fewer for 64-bit FSS keys) runs as
+    several requests, one after the other.
     """
     d = np.ascontiguousarray(d, dtype=np.int64).reshape(-1)
     flat = [np.ascontiguousarray(z, dtype=np.int64).reshape(-1) for z in payloads]
@@ -98,17 +102,28 @@ def drelu(ctx: "Context", d: np.ndarray, *, with_x: bool = False, payloads: Sequ
     else:
         protocol, batch = drelu_bitwise, _builtin_max(1, 2 * MAX_COMPARE_ELEMENTS // (1 + len(flat)))
         batch = _builtin_min(batch, MAX_COMPARE_ELEMENTS)
-    if d.size <= batch:
-        return protocol(ctx, d, bits=bits, with_x=with_x, payloads=flat, slack=slack)
     parts = [
         protocol(ctx, d[lo : lo + batch], bits=bits, with_x=with_x, payloads=[z[lo : lo + batch] for z in flat], slack=slack)
         for lo in range(0, d.size, batch)
     ]
+    for part in parts:
+        _defer_overflow(ctx, part)
+    if len(parts) == 1:
+        return parts[0]
     return DRelu(
         np.concatenate([p.bit for p in parts]),
         np.concatenate([p.relu for p in parts]) if with_x else None,
         [np.concatenate([p.products[k] for p in parts]) for k in range(len(flat))],
+        None,
+        parts[0].coins,
     )
+
+
+def _defer_overflow(ctx: "Context", res: DRelu) -> None:
+    terms = res.overflow
+    if terms is not None:
+        label = ctx.check_label("comparison", terms.bits)
+        ctx.checks.add(label, terms.z, max_valuation=terms.max_valuation, coins=res.coins, weak=terms.weak)
 
 
 def _bits(x: "SharedTensor", share: np.ndarray, shape: tuple[int, ...]) -> "SharedTensor":

@@ -193,8 +193,14 @@ class SharedTensor:
     def reveal(self, to: int | None = None) -> np.ndarray | None:
         """The plaintext as float64: to every party (one round), or to party ``to`` only.
 
-        Parties other than ``to`` get ``None``.
+        Parties other than ``to`` get ``None``.  Pending comparisons are checked
+        first (``ctx.check_comparisons``: 2 rounds if any are pending), so a
+        result whose comparisons left their domain is never revealed.
+
+        Raises:
+            ComparisonOverflow, ApproximationRangeError: from the check.
         """
+        self.ctx.check_comparisons()
         if to is None:
             (ring,) = self.ctx.comm.open([self.share])
             return decode(ring, self.frac_bits)
