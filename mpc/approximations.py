@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Sequence
 
+import numba
 import numpy as np
 
 from .approx_tables import GELU, GELU_TANH, SIGMOID, SILU, TANH, PiecewisePoly
@@ -142,6 +143,19 @@ def _ring_powers(ctx: "Context", t: np.ndarray, degree: int) -> list[np.ndarray 
     return powers
 
 
+@numba.njit(cache=True, nogil=True)
+def _payloads(powers, diffs, party0, power_bits, out):  # pragma: no cover - compiled
+    """out[i, k] = sum_j diffs[i, j] powers[j-1, k] (+ diffs[i, 0] << power_bits at party 0), wrapping."""
+    rows, width = diffs.shape
+    for i in range(rows):
+        const = (diffs[i, 0] << np.uint64(power_bits)) if party0 else np.uint64(0)
+        for k in range(powers.shape[1]):
+            acc = const
+            for j in range(1, width):
+                acc += diffs[i, j] * powers[j - 1, k]
+            out[i, k] = acc
+
+
 def _coefficient_rows(table: PiecewisePoly) -> np.ndarray:
     """Integer coefficients (at _PIECE_COEFF_BITS) of Q_-1 = left, the segments, Q_m = right."""
     width = table.degree + 1
@@ -168,11 +182,9 @@ def piecewise(x: "SharedTensor", table: PiecewisePoly, *, with_relu: bool = Fals
     powers = _ring_powers(ctx, t, table.degree)
     ints = _coefficient_rows(table)
     diffs = ints[1:] - ints[:-1]  # payload of [x >= b_i]: Q_i - Q_(i-1), exactly telescoping
-    payload = np.zeros((len(table.breaks), flat.size), np.int64)
-    for j in range(1, table.degree + 1):
-        payload += diffs[:, j : j + 1] * powers[j][None, :]
-    if ctx.rank == 0:
-        payload += diffs[:, :1] << np.int64(POWER_BITS)
+    payload = np.empty((len(table.breaks), flat.size), np.uint64)
+    _payloads(np.stack(powers[1:]).view(np.uint64), diffs.view(np.uint64), ctx.rank == 0, POWER_BITS, payload)
+    payload = payload.view(np.int64)
     shifted = np.concatenate([_minus(x, b) for b in table.breaks])
     res = drelu(ctx, shifted, with_x=with_relu, payloads=[payload.reshape(-1)])
     total = res.products[0].reshape(len(table.breaks), -1).sum(axis=0, dtype=np.int64)

@@ -104,24 +104,29 @@ class _Group:
         return self.strong if self.weak is None else np.concatenate([self.strong, self.weak])
 
 
+#: terms folded per coefficient draw (bounds the coefficients' memory: lanes x 8 MiB)
+_FOLD_CHUNK = 1 << 20
+
+
 @numba.njit(cache=True, nogil=True)
-def _lane_sums(z, coeffs, out):  # pragma: no cover - compiled
-    """out[j] += sum_k coeffs[j, k] z[k], wrapping (uint64)."""
+def _lane_sums(z, coeffs, odd, out):  # pragma: no cover - compiled
+    """out[j] += sum_k (coeffs[j, k] | odd) z[k], wrapping (uint64)."""
     for j in range(coeffs.shape[0]):
         acc = np.uint64(0)
         row = coeffs[j]
         for k in range(z.shape[0]):
-            acc += row[k] * z[k]
+            acc += (row[k] | odd) * z[k]
         out[j] += acc
 
 
-def _fold(lanes: np.ndarray, z: np.ndarray, stream: Stream, *, odd: bool) -> np.ndarray:
-    """``lanes`` (grown if needed) plus the coefficient combinations of ``z``."""
-    coeffs = stream.ring((lanes.size, z.size)).view(_U64)
-    if odd:
-        coeffs = coeffs | _U64(1)
-    _lane_sums(np.ascontiguousarray(z).view(_U64), np.ascontiguousarray(coeffs), lanes)
-    return lanes
+def _fold(lanes: np.ndarray, z: np.ndarray, stream: Stream, *, odd: bool) -> None:
+    """Add the coefficient combinations of ``z`` to ``lanes`` in place, chunk by chunk."""
+    terms = np.ascontiguousarray(z).view(_U64)
+    odd_bit = _U64(1) if odd else _U64(0)
+    for lo in range(0, terms.size, _FOLD_CHUNK):
+        chunk = terms[lo : lo + _FOLD_CHUNK]
+        coeffs = stream.ring((lanes.size, chunk.size)).view(_U64)
+        _lane_sums(chunk, coeffs, odd_bit, lanes)
 
 
 class ZeroCheck:
