@@ -173,6 +173,9 @@ def piecewise(x: "SharedTensor", table: PiecewisePoly, *, with_relu: bool = Fals
     scale (and relu(x)).
     """
     ctx, f = x.ctx, x.frac_bits
+    if any(b * 2.0**f != round(b * 2.0**f) for b in table.breaks):
+        raise ValueError(f"{table.name} needs its breakpoints {table.breaks} exact at the input's scale; "
+                         f"{f} fractional bits are too few (use at least 3)")
     if x.size == 0:
         empty = x._like(np.zeros(x.shape, np.int64))
         return (empty, empty) if with_relu else empty

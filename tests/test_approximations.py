@@ -87,6 +87,15 @@ def test_piecewise_at_the_bridge_activation_scale(name):
     assert np.abs(got - ref(x)).max() <= table.fit_error + 2 * 2.0**-f
 
 
+def test_piecewise_refuses_a_scale_its_breakpoints_do_not_fit():
+    def program(ctx):
+        x = ctx.share(np.array([1.0, 2.0]) if ctx.rank == 0 else None, owner=0, frac_bits=2)
+        return x.sigmoid()
+
+    with pytest.raises(ValueError, match="at least 3"):
+        mpc.run_local(program, parties=2)
+
+
 def test_piecewise_is_exact_with_local_truncation_too():
     # its high-scale truncations are always the exact protocol
     x = fixed(np.linspace(-20, 20, 4001))

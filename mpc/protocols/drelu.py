@@ -34,24 +34,24 @@ K = 64 - l, Y = y >> D, Y^ = y^ >> D and R = r >> D (integers below 2^(K+1)),
 and w = [y + r >= 2^64] the wrap of the 64-bit sum, the integer identity
 Y + R + u = Y^ + w 2^(K+1) gives
 
-    e := Y^ - R - u - b = (Y - b) - w 2^(K+1) = 2 (y >> l) - w 2^(K+1),
+    o := Y^ - R - u - b = (Y - b) - w 2^(K+1) = 2 (y >> l) - w 2^(K+1),
 
-as b = Y mod 2.  |e| < 2^(K+2) <= 2^50, so e's value in Z_2^64 is that integer.
-  - x in the domain means y >> l = 0, so e = -w 2^(K+1); and w = 1 forces
+as b = Y mod 2.  |o| < 2^(K+2) <= 2^50, so o's value in Z_2^64 is that integer.
+  - x in the domain means y >> l = 0, so o = -w 2^(K+1); and w = 1 forces
     y^ = y + r - 2^64 < y < 2^l.  Hence for the "strong" elements, y^ >= 2^l
-    (public), e = 0 exactly when x is in the domain, and otherwise
-    0 < |e| < 2^(K+1): its 2-adic valuation is at most K.
+    (public), o = 0 exactly when x is in the domain, and otherwise
+    0 < |o| < 2^(K+1): its 2-adic valuation is at most K.
   - For the "weak" elements, y^ < 2^l (probability 2^(l-64) each, whatever x,
-    as y^ is uniform), the term is z = e 2^D mod 2^64 = (y >> l) 2^l mod 2^64:
+    as y^ is uniform), the term is o 2^D mod 2^64 = (y >> l) 2^l mod 2^64:
     0 exactly in the domain, of valuation at most 63 otherwise.
-e is linear in what the parties hold: Y^ is public, [R] and [eps] come from
+o is linear in what the parties hold: Y^ is public, [R] and [eps] come from
 the dealer (16 B per element more, to party INJECTION_RANK only), [b] from
 step 4, and [u] = q + (1 - 2q)[eps] with q = d XOR p public after step 3.
 No extra round.
 
 With slack k (the k low bits left out of step 2) u and b are the slack ones;
 then Y^ - R - u = Y + f with f = [exact borrow] - [slack borrow] in {0, 1},
-and e = 2 floor((Y + f)/2) - w 2^(K+1).  f = 1 only when the low D bits of y
+and o = 2 floor((Y + f)/2) - w 2^(K+1).  f = 1 only when the low D bits of y
 lie within 2^k below 2^D.  So a passing check still means every bit is exact
 except where |x| < 2^k (the documented blur) or x is within 2^k below
 -2^(l-1) (where b = 0, the right sign); and x within 2^k below 2^(l-1) may
@@ -363,7 +363,7 @@ def _inject(d, delta, delta_r, r, hat, party0, bit_out, prod_out, want_bit):  # 
 
 @numba.njit(cache=True, nogil=True)
 def _overflow_kernel(y_hat, d, p, high, eps, bit, party0, bits, z, weak):  # pragma: no cover - compiled
-    """z = e = Y^ - R - u - b (party 0 adds the public Y^ - q), or e 2^D where y^ < 2^l; uint64, wrapping."""
+    """z = o = Y^ - R - u - b (party 0 adds the public Y^ - q), or o 2^D where y^ < 2^l; uint64, wrapping."""
     one = np.uint64(1)
     dom = np.uint64(bits - 1)
     limit = one << np.uint64(bits)

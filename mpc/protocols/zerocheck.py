@@ -35,13 +35,13 @@ reveal v(rho_jk0), i.e. which element failed; with odd ones it does not.)
 
 Check (2 rounds, whatever the number of terms).  With L lanes in all and a
 dealer triple ([a], [b], [c = a b]) of L elements:
-  1. open eps = S - a (one round, 8 L B per peer);
-  2. [b S] = [c] + eps [b] (local), tau = 2b + 1 is a uniform odd mask,
+  1. open eta = S - a (one round, 8 L B per peer);
+  2. [b S] = [c] + eta [b] (local), tau = 2b + 1 is a uniform odd mask,
      [tau S] = 2 [b S] + [S]; open tau S (one round, 8 L B per peer);
   3. the group fails if any of its lanes opened nonzero.
 tau S = 0 exactly when S = 0 (tau is a unit).  Dealer: 8 L B to party 0.
 
-What is revealed.  If every term is 0, the opened tau S are 0 and eps is
+What is revealed.  If every term is 0, the opened tau S are 0 and eta is
 uniform: nothing.  If a group fails, each of its opened lanes is uniform over
 2^v(S_j) times the units: it reveals the 2-adic valuation of the lane sum
 (one number in [0, 63]) and nothing else - not the terms, not which element.
@@ -184,8 +184,8 @@ class ZeroCheck:
             return []
         lanes = np.concatenate([g.lanes() for _, g in groups]).view(np.int64)
         a, b, c = ctx.dealer.get("triple", {"op": "mul", "a": [total], "b": [total]})
-        (eps,) = ctx.comm.open([lanes - a])
-        bs = c + eps * b
+        (eta,) = ctx.comm.open([lanes - a])
+        bs = c + eta * b
         (masked,) = ctx.comm.open([2 * bs + lanes])
         failed, at = [], 0
         for (label, group), size in zip(groups, sizes):
