@@ -250,3 +250,14 @@ def test_a_64_bit_domain_leaves_nothing_to_check(rng):
         return ctx.pending_checks
 
     assert mpc.run_local(program, parties=2) == [0, 0]
+
+
+@pytest.mark.parametrize("comparison,parties", [("fss", 2), ("generic", 3)])
+def test_the_check_over_real_processes(comparison, parties):
+    from tests.net_programs import domain_check_program
+
+    options = dict(parties=parties, comparison=comparison, comparison_bits=32)
+    inside = mpc.run_processes(domain_check_program, args=([16000.0, -3.5],), **options)
+    assert all(np.array_equal(out["value"], [16000.0, 3.5]) for out in inside)
+    outside = mpc.run_processes(domain_check_program, args=([20000.0, -3.5],), **options)  # compares 40000
+    assert outside == [{"domain_bits": 32, "scopes": ["head"], "comparisons": 2}] * parties
