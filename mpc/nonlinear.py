@@ -42,7 +42,6 @@ from .fss.material import max_batch as fss_max_batch
 from .protocols.compare import drelu_bitwise
 from .protocols.drelu import MAX_COMPARE_ELEMENTS, DRelu
 from .protocols.truncation import truncate
-from .ring import encode
 
 if TYPE_CHECKING:
     from .context import Context
