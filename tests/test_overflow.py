@@ -261,3 +261,30 @@ def test_the_check_over_real_processes(comparison, parties):
     assert all(np.array_equal(out["value"], [16000.0, 3.5]) for out in inside)
     outside = mpc.run_processes(domain_check_program, args=([20000.0, -3.5],), **options)  # compares 40000
     assert outside == [{"domain_bits": 32, "scopes": ["head"], "comparisons": 2}] * parties
+
+
+@pytest.mark.parametrize("comparison", ["fss", "generic"])
+def test_one_out_of_domain_value_among_many_is_caught_whatever_its_size(rng, comparison):
+    bits = 32
+    lim = 1 << (bits - 1)
+    n = 300_000
+    base = rng.integers(-lim, lim, n)
+    needles = [lim, -lim - 1, 1 << 62, (1 << 63) - lim]  # one unit out, huge, and y >> l = 2^(K-1)
+    where = rng.integers(0, n, len(needles))
+
+    def program(ctx, needle):
+        values = base.copy()
+        if needle is not None:
+            values[where[0]] = needle
+        share = ctx.zero_shares((n,)) + (values if ctx.rank == 0 else 0)  # any ring value, as a sharing
+        mpc.nonlinear.drelu(ctx, share)
+        try:
+            ctx.check_comparisons()
+        except ComparisonOverflow as exc:
+            return exc.comparisons
+        return 0
+
+    assert mpc.run_local(program, parties=2, args=(None,), comparison=comparison, comparison_bits=bits) == [0, 0]
+    for needle in needles:
+        got = mpc.run_local(program, parties=2, args=(needle,), comparison=comparison, comparison_bits=bits)
+        assert got == [n, n], needle
