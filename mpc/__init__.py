@@ -12,8 +12,17 @@ Quick start::
     outs = mpc.run_local(program, parties=3)
 """
 
+from .approximations import exp, gelu, hardsigmoid, hardswish, layer_norm, reciprocal, sigmoid, silu, softmax, tanh
 from .context import Context
-from .errors import EncodingRangeError, PeerFailure, PeerTimeout, PrimiaError, ProtocolError
+from .errors import (
+    ApproximationRangeError,
+    ComparisonOverflow,
+    EncodingRangeError,
+    PeerFailure,
+    PeerTimeout,
+    PrimiaError,
+    ProtocolError,
+)
 from .functional import conv2d, linear, matmul
 from .nonlinear import (
     adaptive_avg_pool2d,
@@ -26,8 +35,6 @@ from .nonlinear import (
     minimum,
     relu,
     relu6,
-    sigmoid,
-    softmax,
 )
 from .ring import DEFAULT_FRAC_BITS, decode, encode
 from .runtime import run_local
@@ -54,7 +61,15 @@ __all__ = [
     "adaptive_avg_pool2d",
     "adaptive_max_pool2d",
     "sigmoid",
+    "tanh",
+    "silu",
+    "gelu",
+    "hardsigmoid",
+    "hardswish",
+    "exp",
+    "reciprocal",
     "softmax",
+    "layer_norm",
     "concatenate",
     "stack",
     "pad",
@@ -64,6 +79,8 @@ __all__ = [
     "DEFAULT_FRAC_BITS",
     "PrimiaError",
     "EncodingRangeError",
+    "ComparisonOverflow",
+    "ApproximationRangeError",
     "ProtocolError",
     "PeerFailure",
     "PeerTimeout",

@@ -9,18 +9,27 @@ Inputs are shared without sending shares: for input number k, every non-owner
 j takes its share from the stream (seed_{owner,j}, k) and the owner takes
 x minus all of those.  The owner only tells the others the shape (one small
 message each, one round); nobody but the owner passes the value or the shape.
+
+Comparisons in a domain narrower than 64 bits leave terms behind that must
+be 0 (:mod:`mpc.protocols.drelu`); :meth:`Context.check_comparisons` tests
+them all in 2 rounds and raises :class:`~mpc.errors.ComparisonOverflow` (or
+:class:`~mpc.errors.ApproximationRangeError`) if one is not.
+``SharedTensor.reveal`` runs it first, so no result leaves the protocol
+unchecked.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from .comm import Communicator
 from .dealer import DealerClient
-from .errors import ProtocolError
-from .protocols.compare import check_comparison_options, check_comparison_slack
+from .errors import ApproximationRangeError, ComparisonOverflow, ProtocolError
+from .protocols.drelu import check_comparison_options, check_comparison_slack
+from .protocols.zerocheck import CheckLabel, ZeroCheck
 from .prg import SEED_BYTES, Stream, new_seed
 from .ring import DEFAULT_FRAC_BITS, encode
 
@@ -70,6 +79,9 @@ class Context:
         self._inputs = 0
         self._randoms = 0
         self._privates = 0
+        #: terms that must be 0, pending until :meth:`check_comparisons`
+        self.checks = ZeroCheck()
+        self._scopes: list[str] = []
 
     @property
     def rank(self) -> int:
@@ -82,6 +94,62 @@ class Context:
     def stats(self) -> dict[str, int]:
         """Bytes and rounds so far: ``bytes_sent``, ``bytes_received``, ``rounds``, ``dealer_bytes``, ..."""
         return self.comm.stats.as_dict()
+
+    # -- the deferred comparison check ------------------------------------------------------
+    @contextmanager
+    def comparison_scope(self, name: str) -> Iterator[None]:
+        """Name the comparisons made inside (nested names join with "/"), so that a failed
+        check says where: ``with ctx.comparison_scope("layer3.relu"): ...``.  Local, free."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a comparison scope needs a non-empty name, got {name!r}")
+        self._scopes.append(name)
+        try:
+            yield
+        finally:
+            self._scopes.pop()
+
+    @property
+    def scope(self) -> str | None:
+        """The current comparison scope ("/"-joined), or None."""
+        return "/".join(self._scopes) if self._scopes else None
+
+    def check_label(self, kind: str, *detail: Any) -> CheckLabel:
+        """The group label for terms of ``kind`` made now (in the current scope)."""
+        return CheckLabel(kind, self.scope, tuple(detail))
+
+    @property
+    def pending_checks(self) -> int:
+        """Comparison (and range) terms made since the last check."""
+        return self.checks.pending
+
+    def check_comparisons(self) -> None:
+        """Check that every comparison since the last check stayed in its domain, and every
+        approximation's input in its range.
+
+        2 rounds and 16 (n-1) B per lane (a few lanes per scope) if anything is
+        pending, nothing otherwise; see :mod:`mpc.protocols.zerocheck`.  Every
+        party calls it at the same point (``reveal`` does).
+
+        Raises:
+            ComparisonOverflow: a compared value left its domain (its results
+                are wrong; nothing was revealed).
+            ApproximationRangeError: an approximation's input left its range.
+        """
+        failed = self.checks.run(self)
+        overflows = [(label, n) for label, n in failed if label.kind == "comparison"]
+        if overflows:
+            raise ComparisonOverflow(
+                domain_bits=min(label.detail[0] for label, _ in overflows),
+                scopes=tuple(dict.fromkeys(label.scope for label, _ in overflows)),
+                comparisons=sum(n for _, n in overflows),
+            )
+        if failed:
+            label = failed[0][0]
+            function, low, high = label.detail
+            same = [(lab, n) for lab, n in failed if lab.detail == label.detail]
+            raise ApproximationRangeError(
+                function, low, high, tuple(dict.fromkeys(lab.scope for lab, _ in same)), sum(n for _, n in same)
+            )
 
     def share(self, value: Any, owner: int, *, frac_bits: int | None = None) -> "SharedTensor":
         """Secret-share ``value`` held by party ``owner``; other parties pass ``None``.

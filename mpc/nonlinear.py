@@ -1,21 +1,28 @@
-"""Non-linear functions of shared tensors: comparisons, ReLU, max/argmax, pooling, approximations.
+"""Comparison-based functions of shared tensors: comparisons, ReLU, clamp, max/argmax, pooling.
 
 Everything here is built on one protocol, DReLU: shares of b = [d >= 0] for a
 shared d, optionally with b * d and b * z_k for payload tensors z_k, exactly
-and in the same rounds (:mod:`mpc.protocols.compare`).  ``ctx.comparison``
+and in the same rounds (:mod:`mpc.protocols.drelu`).  ``ctx.comparison``
 picks its implementation: ``"fss"`` (2 parties, function secret sharing,
 2 rounds, :mod:`mpc.fss`) or ``"generic"`` (any n, bitwise with dealer tables,
 2 + ceil(log2 ceil((l-1)/4)) rounds); ``"auto"`` takes FSS for 2 parties.
-``ctx.comparison_bits`` (l, default 64) bounds the compared differences:
-|d| < 2^(l-1) in ring units.  At l = 64 every difference of two representable
-values qualifies; l = 32 shrinks FSS keys 2.3x and is exact while compared
-values stay below 2^(31-f) (32768 at f = 16).
+
+The domain.  ``ctx.comparison_bits`` (l, default 64) bounds every compared
+value d -- for two operands (x < y, maximum, a max/argmax tree, a pooling
+window, clamp's bounds) their *difference*: -2^(l-1) <= d < 2^(l-1) ring
+units, i.e. |d| < 2^(l-1-f) for values at f fractional bits.  Two operands
+each below 2^(l-2-f) always qualify.  At l = 64 every difference of two
+representable values does; l = 32 shrinks FSS keys 2.3x.  Below 64 bits a
+value outside the domain is *detected*: every comparison leaves a term for
+the context's zero check, and ``ctx.check_comparisons()`` (which ``reveal``
+runs first) raises :class:`~mpc.errors.ComparisonOverflow` naming the
+``ctx.comparison_scope``; nothing is revealed.
 
 Exact (bit-exact on the fixed-point values, no truncation): comparisons,
 sign, abs, relu, clamp/relu6, maximum/minimum, max/min/argmax/argmin,
-max_pool2d, adaptive_max_pool2d.  Approximate, with documented input ranges
-and measured accuracy (docs/nonlinear.md): avg pooling (one truncation), exp,
-reciprocal, inv_sqrt, sqrt, sigmoid, tanh, softmax.
+max_pool2d, adaptive_max_pool2d.  Average pooling: one truncation.  The
+smooth functions (sigmoid, tanh, silu, gelu, exp, reciprocal, softmax, ...)
+are in :mod:`mpc.approximations`.
 
 Costs, in comparisons C (each: the protocol's rounds R and bytes):
 relu, abs, max of two: 1 C, R rounds.  ``==``, sign, clamp: 2 C in one batch,
@@ -32,10 +39,9 @@ import numpy as np
 
 from .fss import drelu_fss
 from .fss.material import max_batch as fss_max_batch
-from .protocols.beaver import beaver
-from .protocols.compare import MAX_COMPARE_ELEMENTS, DRelu, drelu_bitwise
+from .protocols.compare import drelu_bitwise
+from .protocols.drelu import MAX_COMPARE_ELEMENTS, DRelu
 from .protocols.truncation import truncate
-from .ring import encode
 
 if TYPE_CHECKING:
     from .context import Context
@@ -65,15 +71,6 @@ __all__ = [
     "avg_pool2d",
     "adaptive_avg_pool2d",
     "adaptive_max_pool2d",
-    "exp",
-    "reciprocal",
-    "inv_sqrt",
-    "sqrt",
-    "sigmoid",
-    "tanh",
-    "softmax",
-    "EXP_RANGE",
-    "EXP_CLAMP",
 ]
 
 _builtin_max = max
@@ -84,8 +81,11 @@ _builtin_min = min
 def drelu(ctx: "Context", d: np.ndarray, *, with_x: bool = False, payloads: Sequence[np.ndarray] = ()) -> DRelu:
     """Shares of [d >= 0] (and [d >= 0] * d, * z_k) by ``ctx.comparison``, for flat ring arrays.
 
-    A batch larger than one dealer request may hold (8 M comparisons; fewer
-    for 64-bit FSS keys) runs as several requests, one after the other.
+    In a domain narrower than 64 bits the overflow terms go to the context's
+    zero check (``ctx.check_comparisons``, run by ``reveal``), labelled with
+    the current ``ctx.comparison_scope``.  A batch larger than one dealer
+    request may hold (8 M comparisons; fewer for 64-bit FSS keys) runs as
+    several requests, one after the other.
     """
     d = np.ascontiguousarray(d, dtype=np.int64).reshape(-1)
     flat = [np.ascontiguousarray(z, dtype=np.int64).reshape(-1) for z in payloads]
@@ -98,17 +98,28 @@ def drelu(ctx: "Context", d: np.ndarray, *, with_x: bool = False, payloads: Sequ
     else:
         protocol, batch = drelu_bitwise, _builtin_max(1, 2 * MAX_COMPARE_ELEMENTS // (1 + len(flat)))
         batch = _builtin_min(batch, MAX_COMPARE_ELEMENTS)
-    if d.size <= batch:
-        return protocol(ctx, d, bits=bits, with_x=with_x, payloads=flat, slack=slack)
     parts = [
         protocol(ctx, d[lo : lo + batch], bits=bits, with_x=with_x, payloads=[z[lo : lo + batch] for z in flat], slack=slack)
         for lo in range(0, d.size, batch)
     ]
+    for part in parts:
+        _defer_overflow(ctx, part)
+    if len(parts) == 1:
+        return parts[0]
     return DRelu(
         np.concatenate([p.bit for p in parts]),
         np.concatenate([p.relu for p in parts]) if with_x else None,
         [np.concatenate([p.products[k] for p in parts]) for k in range(len(flat))],
+        None,
+        parts[0].coins,
     )
+
+
+def _defer_overflow(ctx: "Context", res: DRelu) -> None:
+    terms = res.overflow
+    if terms is not None:
+        label = ctx.check_label("comparison", terms.bits)
+        ctx.checks.add(label, terms.z, max_valuation=terms.max_valuation, coins=res.coins, weak=terms.weak)
 
 
 def _bits(x: "SharedTensor", share: np.ndarray, shape: tuple[int, ...]) -> "SharedTensor":
@@ -532,211 +543,3 @@ def adaptive_max_pool2d(x: "SharedTensor", output_size: int | tuple[int | None, 
     share = _max_last(x, gathered) if rows.shape[1] > 1 else gathered[..., 0]
     out = x._like(np.ascontiguousarray(share))
     return out.reshape(out.shape[1:]) if squeeze else out
-
-
-# -- approximations ---------------------------------------------------------------------
-#: exp's supported input range at f = 16 (see docs/nonlinear.md for the measured error)
-EXP_RANGE = (-32.0, 10.0)
-#: softmax and sigmoid clamp exp's argument at -EXP_CLAMP: e^-16 < 1.2e-7 is below one
-#: unit at f = 16, and on [-16, 0] every intermediate of exp stays at most 1
-EXP_CLAMP = 16.0
-_EXP_HALVINGS = 4  # exp(x) = T8(x / 16)^16
-_EXP_DEGREE = 8
-_COEFF_BITS = 24  # public polynomial coefficients are encoded at this scale
-
-
-def _stack(tensors: Sequence["SharedTensor"]) -> "SharedTensor":
-    scale = _builtin_max(t.frac_bits for t in tensors)
-    return tensors[0]._like(np.stack([t.rescale(scale).share for t in tensors]), scale)
-
-
-def _stack_mul(left: Sequence["SharedTensor"], right: Sequence["SharedTensor"]) -> list["SharedTensor"]:
-    """Several independent elementwise products in one Beaver batch (one round + one truncation)."""
-    prod = _stack(left) * _stack(right)
-    return [prod[i] for i in range(len(left))]
-
-
-def _poly(powers: Sequence["SharedTensor"], coeffs: Sequence[float], out_scale: int) -> "SharedTensor":
-    """sum_j coeffs[j] powers[j] (powers[0] is x^0 = None), coefficients at _COEFF_BITS, one truncation."""
-    base = powers[1]
-    scale = base.frac_bits
-    acc = np.zeros(base.shape, dtype=np.int64)
-    for j in range(1, len(coeffs)):
-        acc += powers[j].rescale(scale).share * np.int64(round(coeffs[j] * 2**_COEFF_BITS))
-    if base.ctx.rank == 0:
-        acc += np.int64(round(coeffs[0] * 2 ** (_COEFF_BITS + scale)))
-    drop = _COEFF_BITS + scale - out_scale
-    return base._like(truncate(base.ctx, acc, drop), out_scale)
-
-
-def _powers(y: "SharedTensor", degree: int) -> list["SharedTensor"]:
-    """[None, y, y^2, ..., y^degree] in ceil(log2 degree) multiplication batches."""
-    powers: list[Any] = [None, y]
-    while len(powers) - 1 < degree:
-        top = len(powers) - 1  # y^top is the largest so far; multiply it into every lower power
-        want = list(range(1, _builtin_min(top, degree - top) + 1))
-        products = _stack_mul([powers[top]] * len(want), [powers[j] for j in want])
-        powers.extend(products)
-    return powers
-
-
-def exp(x: "SharedTensor") -> "SharedTensor":
-    """e^x ≈ T8(x / 16)^16 (Taylor degree 8, then 4 squarings).
-
-    Input range EXP_RANGE = [-32, 10] at f = 16 (above ~10.4 the squares leave
-    the product range; on [-64, -32] the output stays below 5e-5; below ~-69
-    T8 stops shrinking and the result is wrong).  x / 16 is exact (the
-    share is read at scale f + 4).  Rounds: 3 product batches + 1 truncation +
-    4 squarings, each product 1 round + its truncation (1 round exact, 0 local):
-    15 rounds with exact truncation, 7 with local.
-    """
-    f = x.frac_bits
-    y = x._like(x.share, f + _EXP_HALVINGS)  # x / 2^4, exactly
-    powers = _powers(y, _EXP_DEGREE)
-    coeffs = [1.0 / math.factorial(j) for j in range(_EXP_DEGREE + 1)]
-    z = _poly(powers, coeffs, f)
-    for _ in range(_EXP_HALVINGS):
-        z = z * z
-    return z
-
-
-def _power_bits(x: "SharedTensor", exponents: Sequence[int]) -> list["SharedTensor"]:
-    """[x >= 2^j] for each j, in one batch of len(exponents) comparisons."""
-    parts = [x - float(2.0**j) for j in exponents]
-    res, shapes, _ = _batch(parts, with_x=False)
-    return [_bits(x, b, s) for b, s in zip(_split(res.bit, shapes), shapes)]
-
-
-def _scale_guess(x: "SharedTensor", exponents: Sequence[int], g: Any) -> "SharedTensor":
-    """g(j*) for j* = floor(log2 x) (clipped to the exponents), linear in the bits [x >= 2^j]."""
-    bits = _power_bits(x, exponents)
-    f = x.ctx.frac_bits
-    acc = np.zeros(x.shape, dtype=np.int64)
-    if x.ctx.rank == 0:
-        acc += encode(g(exponents[0] - 1), f)
-    for j, b in zip(exponents, bits):
-        acc += b.share * encode(g(j) - g(j - 1), f)
-    return x._like(acc, f)
-
-
-def _default_exponents(frac_bits: int) -> list[int]:
-    return list(range(-(frac_bits // 2), frac_bits - 1))
-
-
-def reciprocal(
-    x: "SharedTensor", *, positive: bool = False, exponents: Sequence[int] | None = None, iterations: int = 4
-) -> "SharedTensor":
-    """1 / x by Newton-Raphson, y <- y (2 - x y), from a guess within a factor 1.5 of 1/|x|.
-
-    The guess is (2/3) 2^-floor(log2 |x|), linear in the bits [|x| >= 2^j] for
-    j in ``exponents`` (default -f/2 .. f-2, i.e. |x| in [2^-8, 2^15) at
-    f = 16), so |1 - x y0| <= 1/3 and 4 iterations reach 3^-16 before rounding.
-    Costs: (positive=False: 1 comparison for the sign) + len(exponents)
-    comparisons in one batch + 1 product for the sign + 2 products per iteration.
-    """
-    f = x.ctx.frac_bits
-    exps = list(exponents) if exponents is not None else _default_exponents(f)
-    if positive:
-        mag, sgn = x, None
-    else:
-        res = drelu(x.ctx, x.share, with_x=True)
-        mag = x._like((2 * res.relu - x.share.reshape(-1)).reshape(x.shape))
-        sgn = _bits(x, 2 * res.bit, x.shape) - 1
-    y = _scale_guess(mag, exps, lambda j: (2.0 / 3.0) * 2.0 ** (-j))
-    if sgn is not None:
-        y = y * sgn
-    for _ in range(iterations):
-        y = y * (2 - x * y)
-    return y
-
-
-def _sqrt_pair(x: "SharedTensor", exponents: Sequence[int] | None, iterations: int) -> tuple["SharedTensor", "SharedTensor"]:
-    """(sqrt(x), 1 / (2 sqrt(x))) by Goldschmidt's coupled iteration, for x > 0.
-
-    y0 = c 2^(-j*/2) with c^2 = 2/3 from the bits [x >= 2^j], so x y0^2 lies
-    in [2/3, 4/3); g = x y0, h = y0 / 2, then per iteration r = 1/2 - g h and
-    (g, h) += (g, h) r (one product, then one batch of two).  g approaches
-    sqrt(x) and h 1/(2 sqrt(x)), each computed at its own magnitude (Newton's
-    y^2 would underflow the fixed point for large x).
-    """
-    f = x.ctx.frac_bits
-    exps = list(exponents) if exponents is not None else _default_exponents(f)
-    c = math.sqrt(2.0 / 3.0)
-    y0 = _scale_guess(x, exps, lambda j: c * 2.0 ** (-j / 2.0))
-    g = x * y0
-    h = y0._like(y0.share, y0.frac_bits + 1)  # y0 / 2, exactly
-    for _ in range(iterations):
-        r = 0.5 - g * h
-        g, h = (gh + gh_r for gh, gh_r in zip((g, h), _stack_mul([g, h], [r, r])))
-    return g, h
-
-
-def inv_sqrt(x: "SharedTensor", *, exponents: Sequence[int] | None = None, iterations: int = 4) -> "SharedTensor":
-    """1 / sqrt(x) for x > 0 (Goldschmidt, see :func:`_sqrt_pair`).
-
-    Range: x in [2^min(exponents), 2^(max(exponents)+1)), by default
-    [2^-8, 2^15) at f = 16.  Costs len(exponents) comparisons in one batch,
-    then 1 + 2 per iteration product rounds (each with its truncation).
-    """
-    _, h = _sqrt_pair(x, exponents, iterations)
-    return 2 * h
-
-
-def sqrt(x: "SharedTensor", *, exponents: Sequence[int] | None = None, iterations: int = 4) -> "SharedTensor":
-    """sqrt(x) for x > 0, same method and range as :func:`inv_sqrt`, plus one Newton correction.
-
-    g is limited by h's fixed-point resolution for large x (h ~ 1/(2 sqrt x)
-    has few units there), so a last step g += (x - g^2) h uses the residual
-    x - g^2 computed exactly at scale 2f: 3 more product rounds.
-    """
-    g, h = _sqrt_pair(x, exponents, iterations)
-    scale = g.frac_bits
-    g_squared = g._like(beaver(x.ctx, g.share, g.share, "mul"), 2 * scale)
-    residual = x.rescale(2 * scale) - g_squared
-    return (g.rescale(2 * scale) + residual * h).rescale(scale)
-
-
-def _reciprocal_1_2(d: "SharedTensor", iterations: int = 4) -> "SharedTensor":
-    """1 / d for d in [1, 2]: Newton from 2/3 (|1 - d y0| <= 1/3), no comparison."""
-    y = d._like(np.zeros(d.shape, np.int64)) + 2.0 / 3.0
-    for _ in range(iterations):
-        y = y * (2 - d * y)
-    return y
-
-
-def sigmoid(x: "SharedTensor") -> "SharedTensor":
-    """1 / (1 + e^-x) for any x, through |x| so that exp only sees [-16, 0].
-
-    a = min(|x|, 16) = relu(x) - relu(x - 16) + relu(-x) - relu(-x - 16) (4
-    comparisons, one batch, which also give b = [x >= 0]); s = 1 / (1 + e^-a)
-    by Newton on [1, 2]; sigma(x) = 1 - b + (2b - 1) s (one product, no truncation).
-    """
-    lim = EXP_CLAMP
-    res, shapes, scale = _batch([x, x - lim, -x, -x - lim], with_x=True)
-    r = [x._like(v, scale) for v in _split(res.relu, shapes)]
-    b = _bits(x, _split(res.bit, shapes)[0], x.shape)
-    a = r[0] - r[1] + r[2] - r[3]
-    s = _reciprocal_1_2(exp(-a) + 1.0)
-    return s * (2 * b - 1) - b + 1
-
-
-def tanh(x: "SharedTensor") -> "SharedTensor":
-    """tanh(x) = 2 sigmoid(2x) - 1."""
-    return 2 * sigmoid(2 * x) - 1
-
-
-def softmax(x: "SharedTensor", axis: int = -1) -> "SharedTensor":
-    """Max-subtracted softmax along ``axis``.
-
-    m = max (tree), z = max(x - m, -16) (one batch), e = exp(z), s = sum e in
-    [1, k], result e * (1 / s) with the reciprocal's guess from [s >= 2^j],
-    j = 1 .. ceil(log2 k).  Absolute error per output well below 1e-3 (docs).
-    """
-    ax = axis % x.ndim
-    k = x.shape[ax]
-    m = max(x, axis=ax, keepdims=True)
-    z = relu(x - m + EXP_CLAMP) - EXP_CLAMP
-    e = exp(z)
-    s = e.sum(axis=ax, keepdims=True)
-    inv = reciprocal(s, positive=True, exponents=list(range(1, _builtin_max(1, math.ceil(math.log2(k))) + 1)))
-    return e * inv

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from . import bilinear, nonlinear
+from . import approximations, bilinear, nonlinear
 from .private import PrivateTensor
 from .protocols.beaver import beaver
 from .protocols.owned import owned_product
@@ -193,8 +193,14 @@ class SharedTensor:
     def reveal(self, to: int | None = None) -> np.ndarray | None:
         """The plaintext as float64: to every party (one round), or to party ``to`` only.
 
-        Parties other than ``to`` get ``None``.
+        Parties other than ``to`` get ``None``.  Pending comparisons are checked
+        first (``ctx.check_comparisons``: 2 rounds if any are pending), so a
+        result whose comparisons left their domain is never revealed.
+
+        Raises:
+            ComparisonOverflow, ApproximationRangeError: from the check.
         """
+        self.ctx.check_comparisons()
         if to is None:
             (ring,) = self.ctx.comm.open([self.share])
             return decode(ring, self.frac_bits)
@@ -202,7 +208,7 @@ class SharedTensor:
         return None if opened is None else decode(opened[0], self.frac_bits)
 
     # -- non-linear operations (mpc.nonlinear; comparisons return 0/1 at scale 0) ------
-    # Everything below delegates to mpc.nonlinear; see docs/nonlinear.md for costs.
+    # Everything below delegates to mpc.nonlinear or mpc.approximations; see docs/nonlinear.md for costs.
     __hash__ = None  # elementwise == makes SharedTensor unhashable, as numpy arrays
 
     def __lt__(self, other: Any) -> "SharedTensor":
@@ -262,25 +268,40 @@ class SharedTensor:
         return nonlinear.argmin(self, axis=axis, keepdims=keepdims, one_hot=one_hot)
 
     def exp(self) -> "SharedTensor":
-        return nonlinear.exp(self)
+        return approximations.exp(self)
 
     def reciprocal(self, **options: Any) -> "SharedTensor":
-        return nonlinear.reciprocal(self, **options)
+        return approximations.reciprocal(self, **options)
 
     def inv_sqrt(self, **options: Any) -> "SharedTensor":
-        return nonlinear.inv_sqrt(self, **options)
+        return approximations.inv_sqrt(self, **options)
 
     def sqrt(self, **options: Any) -> "SharedTensor":
-        return nonlinear.sqrt(self, **options)
+        return approximations.sqrt(self, **options)
 
     def sigmoid(self) -> "SharedTensor":
-        return nonlinear.sigmoid(self)
+        return approximations.sigmoid(self)
 
     def tanh(self) -> "SharedTensor":
-        return nonlinear.tanh(self)
+        return approximations.tanh(self)
 
     def softmax(self, axis: int = -1) -> "SharedTensor":
-        return nonlinear.softmax(self, axis=axis)
+        return approximations.softmax(self, axis=axis)
+
+    def silu(self) -> "SharedTensor":
+        return approximations.silu(self)
+
+    def gelu(self, approximate: str = "none") -> "SharedTensor":
+        return approximations.gelu(self, approximate)
+
+    def hardsigmoid(self) -> "SharedTensor":
+        return approximations.hardsigmoid(self)
+
+    def hardswish(self) -> "SharedTensor":
+        return approximations.hardswish(self)
+
+    def layer_norm(self, axis: int | tuple[int, ...] = -1, eps: float = 1e-5, **options: Any) -> "SharedTensor":
+        return approximations.layer_norm(self, axis, eps, **options)
 
 
 def _same_ctx(tensors: Sequence[SharedTensor]) -> "Context":

@@ -78,3 +78,14 @@ def relu_stats(ctx, x):
     out = shared.relu()
     after = ctx.stats()
     return out.reveal(), {k: after[k] - before[k] for k in after}
+
+
+def domain_check_program(ctx, values):
+    """maximum(x, -x) in the context's domain; returns the result, or the ComparisonOverflow's fields."""
+    x = ctx.share(np.asarray(values) if ctx.rank == 0 else None, owner=0)
+    with ctx.comparison_scope("head"):
+        y = mpc.maximum(x, -x)
+    try:
+        return {"value": y.reveal()}
+    except mpc.ComparisonOverflow as exc:
+        return {"domain_bits": exc.domain_bits, "scopes": list(exc.scopes), "comparisons": exc.comparisons}

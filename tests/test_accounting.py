@@ -9,8 +9,8 @@ from tests.conftest import PARTY_COUNTS
 HEADER_BYTES = 72  # an input's shape header: 9 int64
 
 
-def measure(parties, build):
-    """Run ``build(ctx)`` -> {name: thunk}; return per-party {name: stats delta}."""
+def measure(parties, build, **options):
+    """Run ``build(ctx)`` -> {name: thunk} (in order); return per-party {name: stats delta}."""
 
     def program(ctx):
         deltas = {}
@@ -21,7 +21,7 @@ def measure(parties, build):
             deltas[name] = {k: after[k] - before[k] for k in after}
         return deltas
 
-    return mpc.run_local(program, parties=parties)
+    return mpc.run_local(program, parties=parties, **options)
 
 
 def inputs(ctx, shape_x=(4, 6), shape_y=(4, 6)):
@@ -94,3 +94,43 @@ def test_matmul_and_conv2d(parties):
         assert d["conv"]["bytes_sent"] == 8 * (3 * 64 + 4 * 27 + conv_out) * peers
         assert d["conv"]["dealer_bytes"] == (18 * conv_out if rank == 0 else 0)
         assert d["conv"]["dealer_requests"] == (2 if rank == 0 else 0)
+
+
+@pytest.mark.parametrize("parties", PARTY_COUNTS)
+def test_comparisons_below_64_bits_and_the_check_at_reveal(parties):
+    """ReLU in a 32-bit domain: the DReLU's figures, +16 B dealer per element for the domain
+    check's terms; the reveal first runs the check: 2 rounds, 16 B per lane per peer."""
+    from mpc.fss import dcf
+    from mpc.protocols.compare import bitwise_costs, tree_plan
+    from mpc.protocols.zerocheck import strong_lanes
+
+    n, bits = 24, 32
+
+    def build(ctx):
+        x, _ = inputs(ctx)
+        y = {}
+        return {"relu": lambda: y.setdefault("v", x.relu()), "reveal": lambda: y["v"].reveal()}
+
+    out = measure(parties, build, comparison_bits=bits)
+    peers = parties - 1
+    lanes = strong_lanes(64 - bits)  # one group (no scope, one domain): 2 lanes
+    assert lanes == 2
+    for rank, d in enumerate(out):
+        if parties == 2:  # FSS
+            key = dcf.key_bytes(bits - 1)
+            assert d["relu"]["rounds"] == 2
+            assert d["relu"]["bytes_sent"] == 8 * n + -(-n // 8)
+            assert d["relu"]["dealer_bytes"] == n * (key + (8 * 2 + 16 if rank == 1 else 0))
+        else:  # generic
+            plan = tree_plan(-(-(bits - 1) // 4))
+            cost = bitwise_costs(bits, parties)
+            per_level = sum((2 * p + q) * -(-n // 8) for p, q in (plan.level_counts(t) for t in range(len(plan.levels))))
+            assert d["relu"]["rounds"] == cost["rounds"] == 5
+            assert d["relu"]["bytes_sent"] == peers * (8 * n + per_level + -(-n // 8))
+            want = {0: 2 * plan.chunks * n + plan.and_gates * -(-n // 8), 1: (8 * 2 + 16) * n}.get(rank, 0)
+            assert d["relu"]["dealer_bytes"] == want
+        # reveal = the check (open S - a, open (2b + 1) S) + the opening itself
+        assert d["reveal"]["rounds"] == 2 + 1
+        assert d["reveal"]["bytes_sent"] == 16 * lanes * peers + 8 * n * peers
+        assert d["reveal"]["dealer_bytes"] == (8 * lanes if rank == 0 else 0)
+

@@ -47,8 +47,10 @@ def test_material_tables_and_triples(parties, bits):
     finals, corrections = _material(params, parties)
     plan = tree_plan(-(-(bits - 1) // CHUNK_BITS))
     # seed compression: party 0 gets the tables and AND corrections, party 1 the delta shares
+    # (and, below 64 bits, shares of R = r >> (l - 1) and eps for the overflow terms)
     sent = {r: sum(a.nbytes for a in arrs) for r, arrs in corrections.items()}
-    assert sent == {0: 2 * plan.chunks * n + plan.and_gates * -(-n // 8), 1: 8 * 3 * n}
+    checked = bits < 64
+    assert sent == {0: 2 * plan.chunks * n + plan.and_gates * -(-n // 8), 1: 8 * (3 + 2 * checked) * n}
     r = sum(f.masks.r for f in finals).view(np.uint64)
     low = r & np.uint64((1 << (bits - 1)) - 1)
     tables = np.bitwise_xor.reduce([f.tables for f in finals])
@@ -66,6 +68,11 @@ def test_material_tables_and_triples(parties, bits):
     delta = sum(f.masks.delta for f in finals)
     assert np.array_equal(delta, (m ^ e).astype(np.int64))
     assert np.array_equal(sum(f.masks.delta_r for f in finals), delta * r.view(np.int64))
+    if checked:
+        assert np.array_equal(sum(f.masks.high for f in finals), (r >> np.uint64(bits - 1)).view(np.int64))
+        assert np.array_equal(sum(f.masks.eps for f in finals), e.astype(np.int64))
+    else:
+        assert all(f.masks.high is None and f.masks.eps is None for f in finals)
 
 
 @pytest.mark.parametrize(

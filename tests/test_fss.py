@@ -82,8 +82,9 @@ def test_material_is_seed_compressed_and_consistent(bits):
     params = {"n": n, "bits": bits, "with_x": True, "payloads": w}
     finals, corrections = _material(params)
     key = dcf.key_bytes(bits - 1)
+    checked = bits < 64  # shares of R = r >> (l - 1) and eps for the overflow terms
     sent = {r: sum(a.nbytes for a in arrs) for r, arrs in corrections.items()}
-    assert sent == {0: n * key, 1: n * key + 8 * n * (2 + w)}
+    assert sent == {0: n * key, 1: n * key + 8 * n * (2 + w + 2 * checked)}
     r = (finals[0].masks.r + finals[1].masks.r).view(np.uint64)
     delta = finals[0].masks.delta + finals[1].masks.delta
     e = finals[0].masks.e ^ finals[1].masks.e
@@ -92,6 +93,9 @@ def test_material_is_seed_compressed_and_consistent(bits):
     assert np.array_equal(finals[0].masks.delta_r + finals[1].masks.delta_r, delta * r.view(np.int64))
     rz = finals[0].masks.rz + finals[1].masks.rz
     assert np.array_equal(finals[0].masks.delta_rz + finals[1].masks.delta_rz, delta * rz)
+    if checked:
+        assert np.array_equal(finals[0].masks.high + finals[1].masks.high, (r >> np.uint64(bits - 1)).view(np.int64))
+        assert np.array_equal(finals[0].masks.eps + finals[1].masks.eps, e.astype(np.int64))
     # the keys compare against r's low bits
     point = np.zeros(n, np.uint64)
     alpha_low = r & np.uint64((1 << (bits - 1)) - 1)
@@ -185,7 +189,8 @@ def test_fss_small_domain_is_exact_at_its_edges(rng, bits):
     assert np.array_equal(relu, np.maximum(a, 0))
 
 
-def test_fss_comparison_without_product_opens_four_bytes_in_a_32_bit_domain(rng):
+def test_fss_comparison_in_a_32_bit_domain_opens_all_64_bits(rng):
+    # The overflow terms need y^'s high part, so a plain comparison opens 8 B, not 4.
     n = 4096
     values = rng.integers(-(1 << 30), 1 << 30, n)
 
@@ -198,7 +203,7 @@ def test_fss_comparison_without_product_opens_four_bytes_in_a_32_bit_domain(rng)
 
     bit, sent = mpc.run_local(program, parties=2, comparison_bits=32)[0]
     assert np.array_equal(bit, (values >= 0).astype(np.int64))
-    assert sent == 4 * n + n // 8
+    assert sent == 8 * n + n // 8
 
 
 def test_fss_and_generic_agree(rng):

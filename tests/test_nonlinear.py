@@ -3,8 +3,8 @@
 Comparisons, ReLU, clamp, max/argmax and max pooling are exact on the
 fixed-point values (compared with numpy on the decoded encodings), including at
 0, one unit either side of 0 and the representable limits, for 2, 3 and 5
-parties.  Average pooling and the approximations are compared with explicit
-tolerances over their documented input ranges.
+parties.  Average pooling is compared with explicit tolerances; the
+approximations are in tests/test_approximations.py.
 """
 
 import numpy as np
@@ -285,54 +285,6 @@ def test_pooling_rejects_bad_options(rng):
         run(lambda ctx, x: mpc.max_pool2d(x, 2, padding=2), a)
     with pytest.raises(ValueError, match="NCHW"):
         run(lambda ctx, x: mpc.max_pool2d(x.reshape(16), 2), a)
-
-
-# -- approximations (exact truncation, f = 16) ----------------------------------------------
-def _close(got, want, atol, rtol):
-    err = np.abs(got - want)
-    assert np.all(err <= atol + rtol * np.abs(want)), f"max error {err.max():.3g} at {np.argmax(err)}"
-
-
-def test_exp_over_its_range(rng):
-    x = fixed(np.concatenate([np.linspace(-32, 10, 3000), rng.uniform(-32, 10, 3000)]))
-    got, stats = run(lambda ctx, t: t.exp(), x)
-    _close(got, np.exp(x), atol=5e-4, rtol=5e-4)
-    assert stats["rounds"] == 15
-
-
-def test_reciprocal_of_positive_and_negative_values(rng):
-    mag = 2.0 ** rng.uniform(-8, 15, 5000)
-    x = fixed(mag * rng.choice([-1, 1], mag.size))
-    got, _ = run(lambda ctx, t: t.reciprocal(), x, parties=3)
-    _close(got, 1 / x, atol=4e-5, rtol=1e-4)
-
-
-def test_division_by_a_shared_tensor(rng):
-    a = fixed(rng.normal(0, 3, 500))
-    b = fixed(rng.uniform(0.5, 20, 500) * rng.choice([-1, 1], 500))
-    got, _ = run(lambda ctx, x, y: x / y, a, b)
-    _close(got, a / b, atol=2e-4, rtol=2e-4)
-
-
-def test_inv_sqrt_and_sqrt(rng):
-    x = fixed(2.0 ** rng.uniform(-8, 15, 5000))
-    (inv, root), _ = run(lambda ctx, t: (t.inv_sqrt(), t.sqrt()), x)
-    _close(inv, 1 / np.sqrt(x), atol=4e-5, rtol=5e-4)
-    _close(root, np.sqrt(x), atol=4e-5, rtol=3e-4)
-
-
-@pytest.mark.parametrize("truncation", ["exact", "local"])
-def test_sigmoid_tanh_softmax(rng, truncation):
-    x = fixed(np.concatenate([np.linspace(-40, 40, 2000), rng.normal(0, 4, 2000), EDGES[:5], [1e6, -1e6]]))
-    (sig, tanh), _ = run(lambda ctx, t: (t.sigmoid(), t.tanh()), x, truncation=truncation)
-    _close(sig, 0.5 * (1 + np.tanh(x / 2)), atol=2e-4, rtol=0)
-    _close(tanh, np.tanh(x), atol=4e-4, rtol=0)
-    logits = fixed(rng.normal(0, 8, (500, 10)))
-    logits[0] = 0.0
-    logits[1, 3] = 1e4
-    got, _ = run(lambda ctx, t: t.softmax(axis=1), logits, truncation=truncation)
-    want = torch.softmax(torch.tensor(logits), dim=1).numpy()
-    _close(got, want, atol=2e-4, rtol=0)
 
 
 def test_batches_larger_than_one_dealer_request_are_split(rng, monkeypatch):

@@ -6,7 +6,8 @@ dealer stream.  What crosses the network is only what cannot be drawn:
   - to both parties: the DCF correction words (identical in both keys),
     :func:`mpc.fss.dcf.key_bytes` (l - 1) bytes per element:
     16 (l - 8) + 4 or 8 + 16, i.e. 920 B for l = 64 and 404 B for l = 32;
-  - to party 1: its shares of delta, delta r (ReLU) and delta r_k, 8 B each.
+  - to party 1: its shares of delta, delta r (ReLU) and delta r_k, and for
+    l < 64 of R = r >> (l - 1) and eps (the overflow terms), 8 B each.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 
 from ..dealer import Material, register_material
 from ..prg import Stream
-from ..protocols.compare import (
+from ..protocols.drelu import (
     INJECTION_RANK,
     MAX_COMPARE_ELEMENTS,
     InjectionMasks,

@@ -3,17 +3,17 @@
 AriaNN (Ryffel, Tholoniel, Pointcheval, Bach, "AriaNN: Low-Interaction
 Privacy-Preserving Deep Learning via Function Secret Sharing", PoPETs 2022)
 and Boyle et al. (EUROCRYPT 2021, §4, DReLU from one DCF on l - 1 bits):
-  1. open y^ = x + r + 2^(l-1) (one round, 8 B per party per element; 4 B when
-     l <= 32 and no product is asked);
+  1. open y^ = x + r + 2^(l-1) (one round, 8 B per party per element);
   2. each party evaluates its DCF key at y^_low = y^ mod 2^(l-1), getting XOR
      shares of the borrow u = [y^_low < r_low] — local, one AES block per tree
      level;
   3. open d = p XOR u XOR e (one round, 1 bit per element) and inject
      b = d XOR delta into the ring, with b * x and b * z_k for free
-     (:func:`mpc.protocols.compare.finish`).
+     (:func:`mpc.protocols.drelu.finish`, which also forms the overflow terms
+     for l < 64).
 Rounds: 2.  Sent per party per element: 8 + 8 w + 1/8 B.
 Dealer, to each party: 16 (l - 8) + 4|8 + 16 B of DCF correction words
-(l = 64: 920 B; l = 32: 404 B); party 1 also 8 (1 + with_x + w) B.
+(l = 64: 920 B; l = 32: 404 B); party 1 also 8 (1 + with_x + w + 2 [l < 64]) B.
 """
 
 from __future__ import annotations
@@ -22,7 +22,16 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from ..protocols.compare import MAX_BITS, DRelu, compared_bits, finish, open_masked
+from ..protocols.drelu import (
+    MAX_BITS,
+    DRelu,
+    compare_params,
+    compared_bits,
+    finish,
+    injection_dealer_bytes,
+    open_masked,
+    split_opened,
+)
 from . import dcf
 from .material import FssCompare, FssDraw
 
@@ -34,13 +43,12 @@ __all__ = ["drelu_fss", "fss_costs"]
 
 def fss_costs(bits: int, *, with_x: bool = True, payloads: int = 0, slack: int = 0) -> dict[str, float]:
     """Exact per-element costs of :func:`drelu_fss`."""
-    opened_word = 4 if (bits <= 32 and not with_x and not payloads) else 8
     key = dcf.key_bytes(compared_bits(bits, slack))
     return {
         "rounds": 2,
-        "bytes_sent": opened_word + 8 * payloads + 1 / 8,
+        "bytes_sent": 8 + 8 * payloads + 1 / 8,
         "dealer_bytes_party0": key,
-        "dealer_bytes_party1": key + 8 * (1 + int(with_x) + payloads),
+        "dealer_bytes_party1": key + injection_dealer_bytes(bits, with_x, payloads),
     }
 
 
@@ -53,19 +61,18 @@ def drelu_fss(
     payloads: Sequence[np.ndarray] = (),
     slack: int = 0,
 ) -> DRelu:
-    """Shares of [x >= 0] (and of [x >= 0] * x, * z_k); exactly 2 parties, |x| < 2^(bits-1).
+    """Shares of [x >= 0] (and of [x >= 0] * x, * z_k); exactly 2 parties, -2^(bits-1) <= x < 2^(bits-1).
 
-    ``slack`` = k drops the k low bits from the comparison (keys of
-    16 (l - 8 - k) + 20|24 B): the bit may be wrong for |x| < 2^k.
+    Outside that domain the result's overflow terms are nonzero.  ``slack`` =
+    k drops the k low bits from the comparison (keys of 16 (l - 8 - k) +
+    20|24 B): the bit may be wrong for |x| < 2^k.
     """
     if ctx.parties != 2:
         raise ValueError(f"the FSS comparison needs exactly 2 parties, not {ctx.parties}; use comparison='generic'")
     x = np.ascontiguousarray(x, dtype=np.int64).reshape(-1)
-    params = {"n": x.size, "bits": bits, "with_x": with_x, "payloads": len(payloads), "slack": slack}
+    params = compare_params(x.size, bits, with_x, len(payloads), slack)
     draw: FssDraw = ctx.dealer.get(FssCompare.name, params)
-    low, x_hat, z_hat = open_masked(ctx, x, payloads, draw.masks, bits, with_x)
-    dom = bits - 1
-    p = ((low >> np.uint64(dom)) & np.uint64(1)).astype(np.uint8)
-    point = (low & np.uint64((1 << dom) - 1)) >> np.uint64(slack)
+    opened = open_masked(ctx, x, payloads, draw.masks, bits, with_x)
+    p, point = split_opened(opened.y_hat, bits, slack)
     u = dcf.evaluate(ctx.rank, draw.seed, draw.key, point, compared_bits(bits, slack))
-    return finish(ctx, u, p, draw.masks, x_hat, z_hat)
+    return finish(ctx, u, p, draw.masks, opened, bits)
