@@ -32,12 +32,12 @@ def find_images(path: str | os.PathLike) -> list[Path]:
     """
     path = Path(path)
     if path.is_file():
-        if fl_data._kind(path) is None:
+        if fl_data.image_kind(path) is None:
             raise ConfigError(f"{path} is not a PNG/JPEG/BMP/TIFF image or a DICOM file")
         return [path]
     if not path.is_dir():
         raise ConfigError(f"{path} does not exist")
-    found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".") and fl_data._kind(p))
+    found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".") and fl_data.image_kind(p))
     if not found:
         raise ConfigError(f"no images (PNG, JPEG, BMP, TIFF or DICOM) under {path}")
     return found
@@ -50,13 +50,13 @@ def load_image(path: str | os.PathLike, *, channels: int, size: int) -> np.ndarr
         ConfigError: the file cannot be decoded (the message names it and why).
     """
     path = Path(path)
-    kind = fl_data._kind(path) or "image"
+    kind = fl_data.image_kind(path) or "image"
     try:
-        pixels = fl_data._decode(path, kind)
-    except fl_data._MultiFrame:
-        raise ConfigError(f"{path}: multi-frame DICOM is not supported; export one frame per file") from None
+        pixels = fl_data.decode_pixels(path, kind)
+    except fl_data.ImageProblem as problem:
+        raise ConfigError(f"cannot use {fl_data.shown_path(path)}: {problem}") from None
     except Exception as exc:  # PIL and pydicom raise many types for corrupt files
-        raise ConfigError(f"cannot decode {path}: {exc}") from exc
+        raise ConfigError(f"cannot decode {fl_data.shown_path(path)}: {exc}") from exc
     im = Image.fromarray(pixels).convert("L" if channels == 1 else "RGB")
     if im.size != (size, size):
         im = im.resize((size, size), Image.Resampling.BILINEAR)
