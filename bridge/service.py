@@ -13,8 +13,9 @@ Settings are plain JSON-able dicts (they travel as command-line JSON and as
 process arguments).  Model settings: ``run`` (a ``primia train`` output
 folder), or ``weights`` (a state-dict file) with ``model`` (an architecture
 name) and optionally ``config`` (a training TOML); overrides ``input_size``,
-``mean``, ``std``, ``classes``.  Data-owner settings: ``images`` (files),
-``root`` (for output names), ``out`` (folder), ``batch_size``, ``progress``.
+``mean``, ``std``, ``classes``.  Data-owner settings: ``images`` (pairs of a
+file and the name of its result, from :func:`bridge.images.collect_images`),
+``out`` (folder), ``batch_size``, ``progress``.
 Both: the fixed-point options ``act_bits``, ``weight_bits``, ``comparison_bits``
 (:func:`fixed_point`; both parties must give the same).
 """
@@ -44,6 +45,7 @@ __all__ = [
     "fixed_point",
     "plan_for_card",
     "FileBatches",
+    "output_path",
     "result_record",
     "model_server_program",
     "data_owner_program",
@@ -87,7 +89,7 @@ def plan_for_card(card: ModelCard) -> Plan:
 class FileBatches:
     """The data owner's image files in batches, decoded and preprocessed when asked for."""
 
-    def __init__(self, paths: list[str], batch_size: int):
+    def __init__(self, paths: list[str | Path], batch_size: int):
         if not 1 <= batch_size <= MAX_BATCH:
             raise ConfigError(f"batch size must be between 1 and {MAX_BATCH}, got {batch_size}")
         self.paths = [Path(p) for p in paths]
@@ -129,11 +131,11 @@ def result_record(path: Path, row: int, result: BatchResult, card: ModelCard) ->
     }
 
 
-def _output_path(out: Path, root: Path | None, image: Path) -> Path:
-    try:
-        rel = image.resolve().relative_to(root.resolve()) if root is not None else Path(image.name)
-    except ValueError:
-        rel = Path(image.name)
+def output_path(out: Path, name: str) -> Path:
+    """Where the result of the image named ``name`` (see :func:`bridge.images.collect_images`) goes."""
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise ConfigError(f"result name {name!r} must be a relative path inside the output folder")
     return out / rel.parent / f"{rel.name}.json"
 
 
@@ -150,9 +152,13 @@ def data_owner_program(ctx: mpc.Context, settings: dict[str, Any]) -> dict[str, 
     """Party 0: send the images encrypted, write one JSON per image (atomically); returns a summary."""
     if ctx.rank != DATA_OWNER:
         raise ConfigError(f"the data owner must be party {DATA_OWNER}, not {ctx.rank}")
-    batches = FileBatches(settings["images"], int(settings.get("batch_size", 1)))
+    images = [(Path(path), str(name)) for path, name in settings["images"]]
+    targets = [output_path(Path(settings["out"]), name) for _, name in images]
+    if len(set(targets)) != len(targets):
+        raise ConfigError("two images would write the same result file; name each image once "
+                          "(bridge.images.collect_images does)")
+    batches = FileBatches([path for path, _ in images], int(settings.get("batch_size", 1)))
     out = Path(settings["out"])
-    root = Path(settings["root"]) if settings.get("root") else None
     bar = None
     if settings.get("progress", False):
         from tqdm import tqdm
@@ -162,8 +168,9 @@ def data_owner_program(ctx: mpc.Context, settings: dict[str, Any]) -> dict[str, 
 
     def on_result(result: BatchResult, card: ModelCard | None) -> None:
         assert card is not None
+        first = result.index * batches.batch_size
         for row, path in enumerate(batches.files(result.index)):
-            target = _output_path(out, root, path)
+            target = targets[first + row]
             write_json(target, result_record(path, row, result, card))
             written.append(str(target))
         if bar is not None:
@@ -176,7 +183,7 @@ def data_owner_program(ctx: mpc.Context, settings: dict[str, Any]) -> dict[str, 
         if bar is not None:
             bar.close()
     card = summary["card"]
-    report = {"images": len(batches.paths), "model": card.name, "model_id": card.model_id,
+    report = {"images": len(written), "model": card.name, "model_id": card.model_id,
               "seconds": summary["seconds"], "setup_seconds": summary["setup_seconds"],
               "setup": summary["setup"], "total": summary["total"]}
     write_json(out / "summary.json", report)

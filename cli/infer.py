@@ -110,18 +110,11 @@ def _model_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _owner_settings(args: argparse.Namespace) -> dict[str, Any]:
-    from bridge.images import find_images
-    from mpc.errors import ConfigError
+    from bridge.images import collect_images
 
-    if not args.images:
-        raise ConfigError("give the images to classify: files or folders (PNG, JPEG, BMP, TIFF, DICOM)")
-    files: list[Path] = []
-    for path in args.images:
-        files.extend(find_images(path))
-    root = args.images[0] if len(args.images) == 1 and args.images[0].is_dir() else None
+    images = collect_images(args.images)
     settings = {
-        "images": [str(f) for f in files],
-        "root": str(root) if root else None,
+        "images": [[str(path), name] for path, name in images],
         "out": str(args.out),
         "batch_size": args.batch_size,
         "progress": not args.no_progress,

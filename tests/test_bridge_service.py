@@ -1,0 +1,80 @@
+"""``primia infer`` with clumsy input: same-named files in two folders, broken weights, bad addresses.
+
+Each test is a regression test for a defect an outside tester found (issue 14).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bridge.images import collect_images
+from cli.main import main
+from fl.models import build_model
+from mpc.errors import ConfigError
+
+from .test_bridge_local import _expected, clinic  # noqa: F401 - clinic is a fixture
+
+
+def _png(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (16, 16), dtype=np.uint8)).save(path)
+
+
+# -- results keyed so that nothing is lost -----------------------------------------------------
+def test_result_names_are_relative_to_the_inputs_common_folder(tmp_path):
+    for site in ("siteA", "siteB"):
+        _png(tmp_path / site / "x.png", 1)
+        _png(tmp_path / site / "sub" / "y.png", 2)
+    names = lambda inputs: sorted(name for _, name in collect_images(inputs))  # noqa: E731
+    assert names([tmp_path / "siteA"]) == ["sub/y.png", "x.png"]  # a lone folder: relative to itself
+    assert names([tmp_path / "siteA", tmp_path / "siteB"]) == [
+        "siteA/sub/y.png", "siteA/x.png", "siteB/sub/y.png", "siteB/x.png"]
+    assert names([tmp_path / "siteA" / "x.png", tmp_path / "siteB" / "x.png"]) == ["siteA/x.png", "siteB/x.png"]
+    assert names([tmp_path / "siteA" / "x.png"]) == ["x.png"]
+    # the same file reached twice is one image
+    assert names([tmp_path / "siteA", tmp_path / "siteA" / "x.png"]) == ["sub/y.png", "x.png"]
+    _png(tmp_path / "siteA" / "X.png", 3)
+    with pytest.raises(ConfigError, match="differ only in case"):
+        collect_images([tmp_path / "siteA"])
+    with pytest.raises(ConfigError, match="give the images"):
+        collect_images([])
+
+
+def _run_folder(tmp_path: Path, model) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(model.state_dict(), run / "model.pt")
+    report = {"config": {"model": {"name": "simple_cnn", "width": 8},
+                         "data": {"input_size": 16, "channels": 1, "mean": [0.5], "std": [0.25]}},
+              "classes": ["normal", "viral", "bacterial"]}
+    (run / "report.json").write_text(json.dumps(report))
+    return run
+
+
+def test_same_named_files_in_two_folders_each_get_their_result(clinic, tmp_path, monkeypatch):  # noqa: F811
+    model, weights, _ = clinic
+    run = _run_folder(tmp_path, model)
+    _png(tmp_path / "siteA" / "x.png", 10)
+    _png(tmp_path / "siteB" / "x.png", 11)
+    monkeypatch.chdir(tmp_path)  # relative arguments, as typed
+    code = main(["infer", "--local", "--run", "run", "siteA", "siteB", "--out", "out", "--no-progress"])
+    assert code == 0
+    out = tmp_path / "out"
+    records = sorted(out.rglob("*.png.json"))
+    assert [r.relative_to(out).as_posix() for r in records] == ["siteA/x.png.json", "siteB/x.png.json"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == len(records) == 2
+    for site in ("siteA", "siteB"):
+        record = json.loads((out / site / "x.png.json").read_text())
+        source = tmp_path / site / "x.png"
+        assert Path(record["image"]) == source
+        want = _expected(model, weights, [source], mean=(0.5,), std=(0.25,))[0]
+        np.testing.assert_allclose(list(record["probabilities"].values()), want, atol=1e-2)
+    a, b = (json.loads((out / s / "x.png.json").read_text())["logits"] for s in ("siteA", "siteB"))
+    assert a != b  # two different images, two different results
