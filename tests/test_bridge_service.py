@@ -78,3 +78,60 @@ def test_same_named_files_in_two_folders_each_get_their_result(clinic, tmp_path,
         np.testing.assert_allclose(list(record["probabilities"].values()), want, atol=1e-2)
     a, b = (json.loads((out / s / "x.png.json").read_text())["logits"] for s in ("siteA", "siteB"))
     assert a != b  # two different images, two different results
+
+
+# -- weights that do not fit, and files that are not weights -------------------------------------
+MODEL_ARGS = ["--model", "simple_cnn", "--input-size", "16", "--mean", "0.5", "--std", "0.25"]
+
+
+def _infer(tmp_path: Path, weights: Path, capsys) -> tuple[int, str]:
+    _png(tmp_path / "img" / "x.png", 0)
+    code = main(["infer", "--local", "--weights", str(weights), *MODEL_ARGS, str(tmp_path / "img"),
+                 "--out", str(tmp_path / "out"), "--no-progress"])
+    return code, capsys.readouterr().err
+
+
+def _simple_state(width: int = 16) -> dict[str, torch.Tensor]:
+    return build_model("simple_cnn", num_classes=3, in_channels=1, input_size=16, width=width).state_dict()
+
+
+def test_a_renamed_key_is_named_not_blamed_on_the_channels(tmp_path, capsys):
+    state = _simple_state()
+    state["conv_in.weight"] = state.pop("conv1.weight")  # renamed: now last in the dict
+    torch.save(state, tmp_path / "renamed.pt")
+    code, err = _infer(tmp_path, tmp_path / "renamed.pt", capsys)
+    assert code == 1
+    assert "missing keys conv1.weight" in err and "unexpected keys conv_in.weight" in err, err
+    assert "renamed key" in err and "'channels'" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_wrong_shape_tensor_is_named_with_both_shapes(tmp_path, capsys):
+    state = _simple_state()
+    state["conv1.weight"] = torch.zeros(16, 16, 3, 3)  # 16 input channels: no image has that many
+    torch.save(state, tmp_path / "wide.pt")
+    code, err = _infer(tmp_path, tmp_path / "wide.pt", capsys)
+    assert code == 1
+    assert "conv1.weight has shape (16, 16, 3, 3)" in err and "16 input channels" in err, err
+    state = _simple_state()
+    state["fc.weight"] = torch.zeros(3, 40)  # the classifier takes 64 features at width 16
+    torch.save(state, tmp_path / "fc.pt")
+    code, err = _infer(tmp_path, tmp_path / "fc.pt", capsys)
+    assert code == 1
+    assert "wrong shapes: fc.weight: weights (3, 40), model (3, 64)" in err, err
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"", "the file is empty (0 bytes)"),
+    (b"epoch 3, loss 0.12\n", "it holds text, not tensors (it starts with 'epoch 3, loss 0.12\\n')"),
+    (bytes(range(200, 256)), "not a torch.save file (it starts with c8c9"),
+    (b"PK\x03\x04" + b"\0" * 40, "looks like a torch.save file of 44 bytes but cannot be read"),
+], ids=["empty", "text", "binary", "broken-zip"])
+def test_a_file_that_is_not_weights_says_what_it_holds_and_what_was_expected(tmp_path, capsys, content, words):
+    (tmp_path / "model.pt").write_bytes(content)
+    code, err = _infer(tmp_path, tmp_path / "model.pt", capsys)
+    assert code == 1
+    assert words in err, err
+    if content[:2] != b"PK":
+        assert "expected a file written by torch.save(model.state_dict(), path)" in err
+    assert not err.rstrip().endswith(":") and not err.rstrip().endswith(": 101")
