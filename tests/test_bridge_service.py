@@ -135,3 +135,39 @@ def test_a_file_that_is_not_weights_says_what_it_holds_and_what_was_expected(tmp
     if content[:2] != b"PK":
         assert "expected a file written by torch.save(model.state_dict(), path)" in err
     assert not err.rstrip().endswith(":") and not err.rstrip().endswith(": 101")
+
+
+# -- addresses -------------------------------------------------------------------------------------
+def _party_list(path: Path, hosts: list[str], ports: list[object]) -> Path:
+    (path.parent / "federation.key").write_text("k" * 64)
+    (path.parent / "federation.key").chmod(0o600)
+    lines = ['session = "s"', 'secret_file = "federation.key"', "allow_plaintext = true"]
+    for i, (host, port) in enumerate(zip(hosts, ports)):
+        lines += ["[[party]]", f"id = {i}", f"host = {json.dumps(host)}", f"port = {port}"]
+        lines += ['role = "dealer"'] if i == 2 else []
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("hosts, ports, words", [
+    (["127.0.0.1"] * 3, [7000, 99999, 7002], "port must be an integer in 1..65535, got 99999"),
+    (["127.0.0.1"] * 3, [7000, '"None"', 7002], "port must be an integer in 1..65535, got 'None'"),
+    (["127.0.0.1:99999", "127.0.0.1", "127.0.0.1"], [7000, 7001, 7002], "give the port separately"),
+    (["127.0.0.1:None", "127.0.0.1", "127.0.0.1"], [7000, 7001, 7002], "give the port separately"),
+    (["ws://10.0.0.1", "127.0.0.1", "127.0.0.1"], [7000, 7001, 7002], "without a scheme"),
+    (["[::1]", "127.0.0.1", "127.0.0.1"], [7000, 7001, 7002], "without brackets"),
+    (["None host", "127.0.0.1", "127.0.0.1"], [7000, 7001, 7002], "is not a host name or IP address"),
+], ids=["port-99999", "port-None", "host-with-port", "host-with-None-port", "scheme", "brackets", "space"])
+def test_a_bad_address_is_a_named_error_in_every_inference_role(tmp_path, hosts, ports, words):
+    import subprocess
+    import sys
+
+    parties = _party_list(tmp_path / "parties.toml", hosts, ports)
+    for role in ("dealer", "model-server", "data-owner"):
+        extra = {"dealer": [], "model-server": ["--weights", "w.pt", "--model", "simple_cnn"],
+                 "data-owner": [str(tmp_path)]}[role]
+        result = subprocess.run([sys.executable, "-m", "cli.main", "infer", "--role", role, "--network",
+                                 str(parties), *extra], cwd=Path(__file__).resolve().parents[1],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1, result
+        assert words in result.stderr and "Traceback" not in result.stderr, result.stderr
