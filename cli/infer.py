@@ -163,9 +163,9 @@ def main(args: argparse.Namespace) -> int:
     if network.parties != 2:
         raise ConfigError(f"encrypted inference runs 2 parties and a dealer; {args.network} lists {network.parties}")
     if args.role == "data-owner":
+        port = None if args.port is None else check_port(args.port, "--port", allow_any=True)
         from bridge.service import query_model_server
 
-        port = None if args.port is None else check_port(args.port, "--port", allow_any=True)
         summary = query_model_server(network, _owner_settings(args), port=port)
         print(f"encrypted inference of {summary['images']} image(s) with {summary['model']} ({summary['model_id']}): "
               f"{summary['seconds']:.2f} s, {summary['total']['rounds']} rounds")

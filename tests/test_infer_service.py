@@ -38,7 +38,7 @@ from mpc.errors import ProtocolError
 from mpc.net import encode_message
 from mpc.net.auth import client_handshake
 from mpc.net.config import load_config
-from mpc.net.sessions import SESSION_OPEN, SessionRefused, run_session
+from mpc.net.sessions import SESSION_JOIN, SESSION_OPEN, SessionRefused, run_session
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("normal", "viral", "bacterial")
@@ -230,15 +230,19 @@ async def _garbage(parties: Path) -> dict[str, object]:
                     reply = None
                 await asyncio.wait_for(ws.wait_closed(), 10)
                 seen[f"{role} {name}"] = (ws.close_code, reply)
-    # 4. a session request with a bad address, and one with a bad session id
-    port = config.endpoint(1).port
-    for name, header in (("bad owner", {"session": "ab" * 16, "owner": ["127.0.0.1:99999", 5]}),
-                         ("bad id", {"session": "../../x", "owner": ["127.0.0.1", 5000]})):
-        async with ws_connect(f"ws://127.0.0.1:{port}", compression=None) as ws:
-            await client_handshake(ws, secret=config.secret, local_id=0, server_id=1, session=config.session,
-                                   timeout_s=5)
-            await ws.send(encode_message(SESSION_OPEN, header, sender=0, session=config.session)[0])
-            seen[f"model-server {name}"] = await asyncio.wait_for(ws.recv(), 10)
+    # 4. session requests with a bad address or a bad session id
+    requests = (("model-server", 1, 0, SESSION_OPEN, "bad owner", {"session": "ab" * 16, "owner": ["127.0.0.1:99999", 5]}),
+                ("model-server", 1, 0, SESSION_OPEN, "bad id", {"session": "../../x", "owner": ["127.0.0.1", 5000]}),
+                ("dealer", 2, 1, SESSION_JOIN, "bad owner", {"session": "cd" * 16, "owner": [None, None],
+                                                             "server": ["127.0.0.1", 5000]}),
+                ("dealer", 2, 1, SESSION_JOIN, "bad id", {"session": 7, "owner": ["127.0.0.1", 5000],
+                                                          "server": ["127.0.0.1", 5001]}))
+    for role, endpoint, client_id, kind, name, header in requests:
+        async with ws_connect(f"ws://127.0.0.1:{config.endpoint(endpoint).port}", compression=None) as ws:
+            await client_handshake(ws, secret=config.secret, local_id=client_id, server_id=endpoint,
+                                   session=config.session, timeout_s=5)
+            await ws.send(encode_message(kind, header, sender=client_id, session=config.session)[0])
+            seen[f"{role} {name}"] = await asyncio.wait_for(ws.recv(), 10)
     return seen
 
 
@@ -252,6 +256,8 @@ def test_garbage_at_the_front_doors_then_a_session_succeeds(service, tmp_path):
         assert b"session-refused" in reply and b"expected a" in reply
     assert b"give the port separately" in seen["model-server bad owner"]
     assert b"32 lowercase hex digits" in seen["model-server bad id"]
+    assert b"owner host must be a host name" in seen["dealer bad owner"]
+    assert b"32 lowercase hex digits" in seen["dealer bad id"]
     owner = service.owner(tmp_path / "out")
     out, err = _finish(owner)
     assert owner.returncode == 0, err[-3000:]

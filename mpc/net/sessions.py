@@ -298,16 +298,18 @@ class SessionHost:
         try:
             body()
         except BaseException as exc:  # noqa: BLE001 - one session's failure never ends the service
-            self.failed += 1
             transport.abort(f"{type(exc).__name__}: {exc}")
             log.error("%s: session %s failed after %.1f s: %s: %s", self.name, short, time.monotonic() - start,
                       type(exc).__name__, exc)
+            outcome = "failed"
         else:
-            self.completed += 1
             log.info("%s: session %s finished in %.1f s", self.name, short, time.monotonic() - start)
+            outcome = "completed"
         finally:
             deadline.cancel()
             self.release(session_id)
+        with self._lock:
+            setattr(self, outcome, getattr(self, outcome) + 1)
 
     @property
     def active(self) -> int:
