@@ -68,7 +68,7 @@ from .models import build_from_card, card_from_config, card_from_run, card_from_
 from .plan import Plan
 from .roles import DATA_OWNER, MODEL_OWNER, BatchResult, query_model, serve_model
 from .secure import MAX_BATCH
-from .sizing import CALIBRATION_MARGIN, check_inputs, measure_bounds, run_with_retry, size_fixed_point
+from .sizing import CALIBRATION_MARGIN, WIDEN_BITS, check_inputs, measure_bounds, run_with_retry, size_fixed_point
 from .trace import convert
 
 log = logging.getLogger("primia.infer")
@@ -122,8 +122,9 @@ def fixed_point(settings: dict[str, Any]) -> dict[str, int]:
 
 
 def _widen_bits(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 64:
-        raise ConfigError(f"widen_bits must be an integer in 0..64, got {value!r:.40}")
+    # A data owner may ask for the one retry's wider domain, no more (it costs the servers dealer traffic).
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= WIDEN_BITS:
+        raise ConfigError(f"widen_bits must be an integer in 0..{WIDEN_BITS}, got {value!r:.40}")
     return value
 
 
@@ -341,11 +342,14 @@ def serve_model_sessions(config: NetworkConfig, model: ServedModel, settings: di
             host.release(session_id)
             if transport is not None:
                 transport.abort("session set-up failed")
-            if isinstance(exc, Exception):
-                why = str(exc) if isinstance(exc, SessionRefused) else f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, Exception):
+                raise
+            why = str(exc) if isinstance(exc, SessionRefused) else f"{type(exc).__name__}: {exc}"
+            try:
                 await host.refuse(channel, f"the session could not be set up: {why}")
-                return
-            raise
+            except Exception:  # noqa: BLE001 - the data owner is gone too; nothing left to tell
+                pass
+            return
         session_settings = {**settings, "widen_bits": widen_bits}
 
         def body() -> None:
