@@ -34,7 +34,6 @@ from bridge.secure import EncryptedModel, warm_up
 from bridge.service import open_session, plan_for_card
 from bridge.sizing import size_fixed_point
 from fl.models import build_model
-from mpc.errors import ProtocolError
 from mpc.net import encode_message
 from mpc.net.auth import client_handshake
 from mpc.net.config import load_config
