@@ -27,6 +27,7 @@ call: survivors are terminated, then killed.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import multiprocessing.connection
 import os
@@ -249,7 +250,6 @@ def _child_main(
     secret: bytes,
     session: str,
     conn: _Pipe,
-    parent_pid: int,
 ) -> None:
     name = endpoint_name(rank, parties + 1)
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [{name}] %(name)s %(levelname)s: %(message)s")
@@ -343,12 +343,7 @@ def _load_program(spec: list | None, main_path: str | None) -> Callable[..., Any
     if spec is None:
         return None
     module_name, qualname = spec
-    if module_name == "__main__":
-        module = _import_main(str(main_path))
-    else:
-        import importlib
-
-        module = importlib.import_module(module_name)
+    module = _import_main(str(main_path)) if module_name == "__main__" else importlib.import_module(module_name)
     program = getattr(module, qualname, None)
     if not callable(program):
         raise ConfigError(f"the party process found no function {qualname!r} in {module_name}")
@@ -370,11 +365,11 @@ def child_entry(read_fd: int, write_fd: int) -> None:
         _send(conn, _describe_error(exc))
         conn.close()
         sys.exit(1)
-    _child_main(boot["rank"], boot["parties"], program, args, settings, secret, boot["session"], conn,
-                boot["parent_pid"])
+    _child_main(boot["rank"], boot["parties"], program, args, settings, secret, boot["session"], conn)
 
 
-def _start_child(rank: int) -> tuple[subprocess.Popen, _Pipe]:
+def _start_child() -> tuple[subprocess.Popen, _Pipe]:
+    """A fresh interpreter running :func:`child_entry`, and the two pipes to it."""
     down_read, down_write = os.pipe()
     up_read, up_write = os.pipe()
     try:
@@ -567,8 +562,8 @@ def run_processes(
     payload = pickle.dumps((args, settings, secret), protocol=pickle.HIGHEST_PROTOCOL)
     run = _Run(parties)
     try:
-        for rank in range(parties + 1):
-            proc, pipe = _start_child(rank)
+        for _ in range(parties + 1):
+            proc, pipe = _start_child()
             run.processes.append(proc)
             run.pipes.append(pipe)
         # Every child boots in parallel; each start-up message waits only for its own child to read it.
