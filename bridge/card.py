@@ -7,6 +7,13 @@ The data owner builds the same architecture from it (random weights, nothing
 downloaded), converts it, and both parties check that their plans agree.  The
 weights never leave the model server.  A card arrives from the network, so
 :meth:`ModelCard.from_bytes` checks every field.
+
+A card may carry :class:`Bounds`: the magnitudes the model owner measured on its
+own validation images, with the margin it grants.  Both parties size the
+fixed-point settings from them (:func:`bridge.sizing.size_fixed_point`), and the
+data owner refuses inputs beyond them.  They tell the data owner four numbers
+about the model (largest input, compared value, intermediate value and logit
+seen on the model owner's data) and nothing else.
 """
 
 from __future__ import annotations
@@ -20,11 +27,62 @@ import numpy as np
 
 from mpc.errors import ConfigError
 
-__all__ = ["ModelCard", "MAX_CARD_BYTES", "normalisation"]
+__all__ = ["ModelCard", "Bounds", "MAX_CARD_BYTES", "normalisation"]
 
 #: largest encoded card a data owner accepts
 MAX_CARD_BYTES = 1 << 16
 _MAX_TEXT = 256
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Magnitudes measured on float64 plaintext runs of a model over ``images`` images.
+
+    Attributes:
+        input: largest |preprocessed input value|.
+        compared: largest magnitude a comparison met (a ReLU's input, a clamp's
+            distance to a bound, the difference of two max-pool inputs).
+        values: largest |output| of any op (products sit at act_bits + weight_bits
+            fractional bits before truncation: this bounds the ring).
+        values_at: the op where ``values`` was met (named in refusals).
+        logit: largest |logit|.
+        images: how many images were measured.
+        margin: the factor granted beyond every measured magnitude: settings hold
+            ``margin`` times each, and inputs beyond ``margin * input`` are refused.
+    """
+
+    input: float
+    compared: float
+    values: float
+    logit: float
+    images: int
+    margin: float
+    values_at: str = ""
+
+    def __post_init__(self) -> None:
+        for key in ("input", "compared", "values", "logit"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ConfigError(f"model card bounds: {key!r} must be a finite number >= 0, got {value!r}")
+        if isinstance(self.images, bool) or not isinstance(self.images, int) or not 1 <= self.images <= 1 << 31:
+            raise ConfigError(f"model card bounds: 'images' must be a positive integer, got {self.images!r}")
+        margin = self.margin
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 1 <= margin <= 1 << 10:
+            raise ConfigError(f"model card bounds: 'margin' must be a number in [1, 1024], got {margin!r}")
+        if not isinstance(self.values_at, str) or len(self.values_at) > _MAX_TEXT:
+            raise ConfigError(f"model card bounds: 'values_at' must be a name of at most {_MAX_TEXT} characters")
+
+    def merged(self, other: "Bounds") -> "Bounds":
+        """Bounds over both sets of images (the larger of each magnitude)."""
+        at = self.values_at if self.values >= other.values else other.values_at
+        return Bounds(max(self.input, other.input), max(self.compared, other.compared),
+                      max(self.values, other.values), max(self.logit, other.logit), self.images + other.images,
+                      max(self.margin, other.margin), at)
+
+    def describe(self) -> str:
+        return (f"measured on {self.images} image(s), margin x{self.margin:g}: inputs up to {self.input:.4g}, "
+                f"compared values up to {self.compared:.4g}, values up to {self.values:.4g}"
+                f"{f' (at {self.values_at})' if self.values_at else ''}, logits up to {self.logit:.4g}")
 
 
 @dataclass(frozen=True)
@@ -41,6 +99,7 @@ class ModelCard:
     pooling: str = "max"
     classes: tuple[str, ...] = ()
     model_id: str = ""
+    bounds: Bounds | None = None
 
     def __post_init__(self) -> None:
         for key in ("name", "model_id"):
@@ -65,6 +124,8 @@ class ModelCard:
             raise ConfigError(f"model card: {len(self.classes)} class names for {self.num_classes} classes")
         if self.pooling not in ("max", "avg"):
             raise ConfigError(f"model card: 'pooling' must be 'max' or 'avg', got {self.pooling!r}")
+        if self.bounds is not None and not isinstance(self.bounds, Bounds):
+            raise ConfigError(f"model card: 'bounds' must be Bounds or absent, got {type(self.bounds).__name__}")
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -104,6 +165,12 @@ class ModelCard:
                 v = values[key]
                 values[key] = tuple(v) if isinstance(v, (list, tuple)) else (v,)
         try:
+            if isinstance(values.get("bounds"), Mapping):
+                bounds = values["bounds"]
+                unknown = sorted(set(bounds) - set(Bounds.__dataclass_fields__))
+                if unknown:
+                    raise ConfigError(f"model card bounds: unknown keys {unknown}")
+                values["bounds"] = Bounds(**bounds)
             return cls(**values)
         except TypeError as exc:
             raise ConfigError(f"model card: {exc}") from exc

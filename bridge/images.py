@@ -21,7 +21,7 @@ from mpc.errors import ConfigError
 
 from .card import ModelCard, normalisation
 
-__all__ = ["find_images", "load_image", "preprocess", "load_batch"]
+__all__ = ["find_images", "collect_images", "load_image", "preprocess", "load_batch"]
 
 
 def find_images(path: str | os.PathLike) -> list[Path]:
@@ -32,15 +32,47 @@ def find_images(path: str | os.PathLike) -> list[Path]:
     """
     path = Path(path)
     if path.is_file():
-        if fl_data._kind(path) is None:
+        if fl_data.image_kind(path) is None:
             raise ConfigError(f"{path} is not a PNG/JPEG/BMP/TIFF image or a DICOM file")
         return [path]
     if not path.is_dir():
         raise ConfigError(f"{path} does not exist")
-    found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".") and fl_data._kind(p))
+    found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".") and fl_data.image_kind(p))
     if not found:
         raise ConfigError(f"no images (PNG, JPEG, BMP, TIFF or DICOM) under {path}")
     return found
+
+
+def collect_images(inputs: list[str | os.PathLike]) -> list[tuple[Path, str]]:
+    """Every image under the inputs (files or folders), each with the name its result gets.
+
+    Names are paths relative to the inputs' common folder (a lone folder input is
+    that folder itself), so ``siteA/x.png`` and ``siteB/x.png`` keep apart as
+    ``siteA/x.png`` and ``siteB/x.png``.  A file reached twice counts once.
+
+    Raises:
+        ConfigError: no input, an input that is not an image or a folder of
+            images, or two files whose names differ only in case (they would
+            overwrite each other on a case-insensitive disk).
+    """
+    if not inputs:
+        raise ConfigError("give the images to classify: files or folders (PNG, JPEG, BMP, TIFF, DICOM)")
+    anchors, files = [], []
+    for item in inputs:
+        path = Path(os.path.abspath(item))  # absolute, symlinks kept: names follow what the user typed
+        files.extend(Path(os.path.abspath(f)) for f in find_images(path))
+        anchors.append(path if path.is_dir() else path.parent)
+    root = Path(os.path.commonpath(anchors))
+    named: dict[Path, str] = {}
+    for f in files:
+        named.setdefault(f, f.relative_to(root).as_posix())
+    seen: dict[str, str] = {}
+    for name in named.values():
+        other = seen.setdefault(name.casefold(), name)
+        if other != name:
+            raise ConfigError(f"{fl_data.shown_path(other)} and {fl_data.shown_path(name)} differ only in case: "
+                              "their results would overwrite each other on a case-insensitive disk; rename one")
+    return list(named.items())
 
 
 def load_image(path: str | os.PathLike, *, channels: int, size: int) -> np.ndarray:
@@ -50,13 +82,13 @@ def load_image(path: str | os.PathLike, *, channels: int, size: int) -> np.ndarr
         ConfigError: the file cannot be decoded (the message names it and why).
     """
     path = Path(path)
-    kind = fl_data._kind(path) or "image"
+    kind = fl_data.image_kind(path) or "image"
     try:
-        pixels = fl_data._decode(path, kind)
-    except fl_data._MultiFrame:
-        raise ConfigError(f"{path}: multi-frame DICOM is not supported; export one frame per file") from None
+        pixels = fl_data.decode_pixels(path, kind)
+    except fl_data.ImageProblem as problem:
+        raise ConfigError(f"cannot use {fl_data.shown_path(path)}: {problem}") from None
     except Exception as exc:  # PIL and pydicom raise many types for corrupt files
-        raise ConfigError(f"cannot decode {path}: {exc}") from exc
+        raise ConfigError(f"cannot decode {fl_data.shown_path(path)}: {exc}") from exc
     im = Image.fromarray(pixels).convert("L" if channels == 1 else "RGB")
     if im.size != (size, size):
         im = im.resize((size, size), Image.Resampling.BILINEAR)

@@ -26,14 +26,11 @@ import mpc.net
 from mpc.errors import ConfigError
 
 from .roles import DATA_OWNER, local_party
-from .plaintext import value_ranges
-from .secure import DEFAULT_ACT_BITS, DEFAULT_WEIGHT_BITS, comparison_bits_for
+from .secure import DEFAULT_WEIGHT_BITS
+from .sizing import LOCAL_MARGIN, FixedPoint, measure_bounds, run_with_retry, size_fixed_point
 from .trace import ConvertedModel, convert
 
 __all__ = ["InferenceResult", "infer_local", "fixed_point_for", "summarise_stats"]
-
-# act_bits + weight_bits must stay within EncryptedModel's limit of 40
-_MAX_ACT_BITS = 20
 
 
 @dataclass
@@ -54,25 +51,13 @@ def fixed_point_for(converted: ConvertedModel, x: np.ndarray, *, act_bits: int |
     """Fixed-point settings that hold this batch: (act_bits, comparison_bits).
 
     The caller of :func:`infer_local` holds both the model and the images, so a
-    plaintext run, before any party starts, can size what it does not set:
-
-    - ``act_bits``: the default 12, raised (to at most 20) until one unit is
-      below 1e-3 of the largest logit, so that rounding (about one unit at the
-      output) stays well inside the documented tolerance of 1e-2 of the largest
-      logit for models with small outputs;
-    - ``comparison_bits``: the default domain for ``act_bits``, widened when a
-      compared value comes within a factor 2 of its limit.
-
-    The networked roles cannot do this (no party holds both) and use the
-    configured settings.
+    plaintext run of this very batch, before any party starts, measures the
+    bounds (margin :data:`~bridge.sizing.LOCAL_MARGIN`) and
+    :func:`bridge.sizing.size_fixed_point` sizes what is not given.
     """
-    peak, largest_logit = value_ranges(converted.plan, converted.weights, x)
-    if act_bits is None:
-        wanted = int(np.ceil(np.log2(1e3 / largest_logit))) if largest_logit > 0 else _MAX_ACT_BITS
-        act_bits = min(max(wanted, DEFAULT_ACT_BITS), _MAX_ACT_BITS)
-    if comparison_bits is None:
-        comparison_bits = max(comparison_bits_for(act_bits), comparison_bits_for(act_bits, 2 * peak))
-    return act_bits, comparison_bits
+    bounds = measure_bounds(converted.plan, converted.weights, [x], margin=LOCAL_MARGIN)
+    fixed = size_fixed_point(bounds, act_bits=act_bits, comparison_bits=comparison_bits)
+    return fixed.act_bits, fixed.comparison_bits
 
 
 def summarise_stats(per_party: list[dict[str, Any]]) -> dict[str, Any]:
@@ -116,8 +101,11 @@ def infer_local(
 
     Fixed point (see :mod:`bridge.secure`): activations at ``act_bits``,
     weights at ``weight_bits``, comparisons in a ``comparison_bits`` domain;
-    what is not given is sized by a plaintext run of this batch, here, where
-    the model and the images are both at hand (:func:`fixed_point_for`).
+    what is not given is sized from the bounds a plaintext run of this batch
+    measures, here, where the model and the images are both at hand
+    (:mod:`bridge.sizing`).  An overflow detected inside the protocol is
+    answered by one run with a wider comparison domain
+    (:func:`bridge.sizing.run_with_retry`).
 
     Returns:
         ``.logits`` (N, classes) float64 and ``.stats`` with ``seconds`` (wall
@@ -133,6 +121,8 @@ def infer_local(
 
     Raises:
         UnsupportedModelError: before any process starts.
+        ConfigError: values no fixed-point setting holds (naming the op), before any process starts.
+        InferenceOverflow: an overflow detected in the protocol, again after the retry.
     """
     x_np = x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
     if x_np.ndim < 2:
@@ -140,18 +130,24 @@ def infer_local(
     t0 = time.perf_counter()
     converted = convert(model, x_np.shape[1:])
     convert_seconds = time.perf_counter() - t0
-    act_bits, comparison_bits = fixed_point_for(converted, x_np, act_bits=act_bits, comparison_bits=comparison_bits)
+    bounds = measure_bounds(converted.plan, converted.weights, [x_np], margin=LOCAL_MARGIN)
+    explicit = {"act_bits": act_bits, "weight_bits": weight_bits, "comparison_bits": comparison_bits}
+    size_fixed_point(bounds, **explicit)  # values no setting holds: refused here, before any process starts
     with tempfile.TemporaryDirectory(prefix="primia-infer-") as tmp:
         os.chmod(tmp, 0o700)
         paths = {"images": str(Path(tmp) / "images.npy"), "weights": str(Path(tmp) / "weights.npz")}
         np.save(paths["images"], x_np, allow_pickle=False)
         np.savez(paths["weights"], **converted.weights)
-        options = {"act_bits": act_bits, "weight_bits": weight_bits, "comparison_bits": comparison_bits,
-                   "profile": profile}
-        t1 = time.perf_counter()
-        outs = mpc.net.run_processes(local_party, parties=2, args=(converted.plan, paths, options),
-                                     truncation=truncation, timeout_s=timeout_s)
-        wall = time.perf_counter() - t1
+
+        def run(widen_bits: int) -> tuple[list[Any], FixedPoint, float]:
+            t1 = time.perf_counter()
+            settings = size_fixed_point(bounds, **explicit, widen_bits=widen_bits)
+            options = {**settings.options(), "profile": profile}
+            outs = mpc.net.run_processes(local_party, parties=2, args=(converted.plan, paths, options),
+                                         truncation=truncation, timeout_s=timeout_s)
+            return outs, settings, time.perf_counter() - t1
+
+        outs, fixed, wall = run_with_retry(run)
     owner = outs[DATA_OWNER]
     seconds = max(float(o["seconds"]) for o in outs)
     stats = summarise_stats(outs)
@@ -160,9 +156,10 @@ def infer_local(
         "setup_seconds": float(owner["setup_seconds"]),
         "startup_seconds": wall - seconds,
         "convert_seconds": convert_seconds,
-        "act_bits": act_bits,
-        "weight_bits": weight_bits,
-        "comparison_bits": comparison_bits,
+        "act_bits": fixed.act_bits,
+        "weight_bits": fixed.weight_bits,
+        "comparison_bits": fixed.comparison_bits,
+        "bounds": bounds.describe(),
         "truncation": truncation,
     })
     if profile:

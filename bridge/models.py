@@ -25,19 +25,24 @@ from .card import ModelCard
 
 __all__ = [
     "ModelCard", "load_state_dict", "card_from_state", "card_from_config", "card_from_run", "build_from_card",
-    "load_model",
+    "load_model", "fit_report",
 ]
 
 
 def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read weights with ``torch.load(weights_only=True)``: (state dict, other top-level entries)."""
+    """Read weights with ``torch.load(weights_only=True)``: (state dict, other top-level entries).
+
+    Raises:
+        ConfigError: the file is missing, is not a ``torch.save`` file (the message
+            says what it holds instead), or holds something other than tensors.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"weights file {path} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises pickle/runtime errors for foreign or unsafe files
-        raise ConfigError(f"cannot read weights from {path} (torch.load with weights_only=True): {exc}") from exc
+    except Exception as exc:  # torch raises pickle, zip, EOF and key errors for foreign or unsafe files
+        raise ConfigError(f"cannot read weights from {path}: {_what_went_wrong(path, exc)}") from exc
     meta: dict[str, Any] = {}
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):
@@ -46,23 +51,108 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
                 obj = obj[key]
                 break
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ConfigError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+        raise ConfigError(f"{path} does not hold a state dict (a mapping of names to tensors); "
+                          f"{_EXPECTED_WEIGHTS}")
     return dict(obj), meta
+
+
+_EXPECTED_WEIGHTS = "expected a file written by torch.save(model.state_dict(), path)"
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTOCOL = 0x80
+
+
+def _what_went_wrong(path: Path, exc: Exception) -> str:
+    """What the file holds, in words, when torch.load fails (torch's own messages can be empty or '101')."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(64)
+        size = path.stat().st_size
+    except OSError as err:
+        return f"{err.strerror or err}"
+    detail = " ".join(str(exc).split())
+    if size == 0:
+        return f"the file is empty (0 bytes); {_EXPECTED_WEIGHTS}"
+    if head.startswith(_ZIP_MAGIC) or head[:1] == bytes([_PICKLE_PROTOCOL]):
+        if "weights_only" in detail or "Weights only load failed" in detail:
+            return (f"it holds Python objects other than tensors, which are never unpickled here "
+                    f"(torch.load with weights_only=True: {detail[:300]}); {_EXPECTED_WEIGHTS}")
+        what = type(exc).__name__ + (f": {detail[:300]}" if detail else "")
+        return f"it looks like a torch.save file of {size} bytes but cannot be read ({what}): truncated or damaged?"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"it holds {size} bytes that are not a torch.save file (it starts with {head[:8].hex()}); " \
+               f"{_EXPECTED_WEIGHTS}"
+    return f"it holds text, not tensors (it starts with {text[:40]!r}); {_EXPECTED_WEIGHTS}"
+
+
+def _reference_state(name: str, overrides: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The state dict of a fresh ``name`` (2 classes, 3 channels): its keys, in module order."""
+    size = overrides.get("input_size") or ModelCard.__dataclass_fields__["input_size"].default
+    model = build_model(name, num_classes=2, in_channels=3, input_size=size,
+                        width=overrides.get("width") or ModelCard.__dataclass_fields__["width"].default,
+                        pooling=overrides.get("pooling") or "max")
+    return model.state_dict()
+
+
+def fit_report(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], *,
+               shapes: bool = True, limit: int = 6) -> str | None:
+    """How ``state`` differs from ``expected``: missing and unexpected keys, and (with ``shapes``) shapes.
+
+    None when they fit.  Lists are cut at ``limit`` entries (with a count of the rest).
+    """
+    def listed(items: list[str]) -> str:
+        more = f" and {len(items) - limit} more" if len(items) > limit else ""
+        return ", ".join(items[:limit]) + more
+
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    parts = []
+    if missing:
+        parts.append(f"missing keys {listed(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys {listed(unexpected)}")
+    if missing and unexpected:
+        parts.append("(a renamed key, or weights of another architecture?)")
+    if shapes:
+        wrong = [f"{k}: weights {tuple(state[k].shape)}, model {tuple(v.shape)}"
+                 for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+        if wrong:
+            parts.append(f"wrong shapes: {listed(wrong)}")
+    return "; ".join(parts) or None
 
 
 def card_from_state(name: str, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None,
                     **overrides: Any) -> ModelCard:
-    """A card for architecture ``name`` whose class and channel counts are read from the weights."""
-    floats = [(k, v) for k, v in state.items() if v.is_floating_point()]
-    convs = [v for _, v in floats if v.dim() == 4]
-    layers = [v for _, v in floats if v.dim() in (2, 4)]
+    """A card for architecture ``name`` whose class and channel counts are read from the weights.
+
+    The weights' keys are checked against the architecture's first, and the
+    counts are read from the tensors the architecture names (its first
+    convolution, its classifier), so that weights of another model are refused
+    naming their keys and shapes rather than as an implausible card.
+    """
+    reference = _reference_state(name, overrides)
+    mismatch = fit_report(reference, state, shapes=False)
+    if mismatch:
+        raise ConfigError(f"the weights do not fit {name}: {mismatch}")
+    layers = [k for k, v in reference.items() if v.is_floating_point() and v.dim() in (2, 4)]
+    convs = [k for k in layers if reference[k].dim() == 4]
     values: dict[str, Any] = {"name": name}
-    if layers:  # the classifier comes last in state-dict order: its rows are the classes
-        values["num_classes"] = int(layers[-1].shape[0])
+    if layers:  # the classifier comes last in module order: its rows are the classes
+        values["num_classes"] = int(state[layers[-1]].shape[0])
     if convs:
-        values["channels"] = int(convs[0].shape[1])
+        first = state[convs[0]]
+        if first.dim() != 4:
+            raise ConfigError(f"the weights do not fit {name}: {convs[0]} has shape {tuple(first.shape)}, "
+                              f"the model's first convolution needs 4 dimensions")
+        values["channels"] = int(first.shape[1])
+        if not 1 <= values["channels"] <= 4 and "channels" not in overrides:
+            raise ConfigError(
+                f"the weights do not fit {name}: its first convolution {convs[0]} has shape {tuple(first.shape)}, "
+                f"i.e. {values['channels']} input channels, where images have 1 to 4; "
+                "are these the weights of another architecture?")
         if name == SIMPLE_CNN:  # its width is the first convolution's output channels
-            values["width"] = int(convs[0].shape[0])
+            values["width"] = int(first.shape[0])
     classes = (meta or {}).get("classes")
     if isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes):
         values["classes"] = tuple(classes)
@@ -139,9 +229,12 @@ def build_from_card(card: ModelCard) -> nn.Module:
 def load_model(card: ModelCard, state: Mapping[str, torch.Tensor]) -> nn.Module:
     """The card's architecture with the given weights loaded (strictly), in eval mode."""
     model = build_from_card(card)
+    mismatch = fit_report(model.state_dict(), state)
+    if mismatch:
+        raise ConfigError(f"the weights do not fit {card.name} with {card.num_classes} classes and "
+                          f"{card.channels} channels: {mismatch}")
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ConfigError(f"the weights do not fit {card.name} with {card.num_classes} classes and "
-                          f"{card.channels} channels: {exc}") from exc
+    except RuntimeError as exc:  # e.g. a dtype torch cannot copy
+        raise ConfigError(f"the weights do not fit {card.name}: {' '.join(str(exc).split())}") from exc
     return model.eval()

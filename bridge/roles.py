@@ -123,7 +123,7 @@ def serve_model(ctx: mpc.Context, plan: Plan, weights: dict[str, np.ndarray], *,
     """
     if ctx.rank != MODEL_OWNER:
         raise ValueError(f"serve_model runs as party {MODEL_OWNER}, not {ctx.rank}")
-    warm_up(ctx, **options)
+    warm_up(ctx)  # (default settings on both sides: the data owner may learn its settings from the card)
     base = ctx.stats()
     start = time.perf_counter()
     if card is not None:
@@ -144,6 +144,7 @@ def query_model(
     *,
     plan: Plan | None = None,
     plan_from_card: Callable[[ModelCard], Plan] | None = None,
+    options_from_card: Callable[[ModelCard], dict[str, Any]] | None = None,
     on_result: Callable[[BatchResult, ModelCard | None], None] | None = None,
     profile: bool = False,
     **options: Any,
@@ -155,7 +156,9 @@ def query_model(
     If the plan ends in a softmax, the logits opened are centred (see
     :meth:`EncryptedModel.predict`).
 
-    ``options`` go to :class:`EncryptedModel`, as for :func:`serve_model`.
+    ``options`` go to :class:`EncryptedModel`, as for :func:`serve_model`; with
+    ``options_from_card``, they are derived from the card instead (its bounds,
+    :func:`bridge.sizing.size_fixed_point`), as the model server derives its own.
     Returns ``results`` (one :class:`BatchResult` per batch unless ``on_result``
     consumes them), the ``card`` if one came, and this party's statistics.
     With ``profile``, each result carries its costs per op kind (:class:`OpProfile`).
@@ -164,13 +167,15 @@ def query_model(
         raise ValueError(f"query_model runs as party {DATA_OWNER}, not {ctx.rank}")
     if (plan is None) == (plan_from_card is None):
         raise ValueError("give exactly one of plan and plan_from_card")
-    warm_up(ctx, **options)
+    warm_up(ctx)
     base = ctx.stats()
     start = time.perf_counter()
     card = None
     if plan_from_card is not None:
         card = receive_card(ctx)
         plan = plan_from_card(card)
+        if options_from_card is not None:
+            options = {**options, **options_from_card(card)}
     assert plan is not None
     model = EncryptedModel(ctx, plan, None, **options)
     _announce_batches(ctx, len(batches))

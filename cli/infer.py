@@ -7,31 +7,34 @@ All three roles on this machine, in one command (processes on 127.0.0.1)::
                  --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225  scan.dcm --out results/
 
 One role per command, over the network runtime (the party list as for ``primia party``;
-id 0 = data owner, 1 = model server, 2 = crypto provider)::
+id 0 = data owner, 1 = model server, 2 = crypto provider).  The model server and the
+dealer are long-lived services: they serve one data owner after another, and several
+at once, until stopped (Ctrl-C or SIGTERM)::
 
-    primia infer --role model-server --network parties.toml --run runs/pneumonia
     primia infer --role dealer       --network parties.toml
+    primia infer --role model-server --network parties.toml --run runs/pneumonia --calibrate validation/
     primia infer --role data-owner   --network parties.toml xrays/ --out results/
 
-The data owner writes one JSON file per image (class, probabilities, logits,
-model id, timings, bytes), each atomically, plus ``summary.json``.  The model
-server and the dealer learn nothing about the images or the results; what the
-architecture itself reveals is described in docs/inference.md.
+The fixed point is sized from activation bounds the model owner measures on its own
+images (``--calibrate``; with ``--local``, on the images being classified), shipped in the
+model card (see docs/inference.md).  The data owner writes one JSON file per image
+(class, probabilities, logits, model id, timings, bytes), each atomically, plus
+``summary.json``.  The model server and the dealer learn nothing about the images or
+the results; what the architecture itself reveals is described in docs/inference.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
 __all__ = ["register"]
 
 log = logging.getLogger("primia.infer")
-
-ROLE_IDS = {"data-owner": 0, "model-server": 1}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="encrypted inference: a data owner's images through a model server's private model",
         description="Run encrypted inference with a data owner (images), a model server (weights) and a crypto "
         "provider: all three on this machine with --local, or one role per command with --role over the "
-        "network runtime. Only the data owner sees the results. See docs/inference.md.",
+        "network runtime (the model server and the dealer then serve sessions until stopped). Only the data "
+        "owner sees the results. See docs/inference.md.",
     )
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--local", action="store_true", help="run all three roles here, as separate processes")
@@ -59,19 +63,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--classes", help="comma-separated class names, in the model's output order")
     model.add_argument("--num-classes", type=int, help="number of classes (default: from --classes or the weights)")
     model.add_argument("--pooling", choices=("max", "avg"), help="simple_cnn's down-sampling (default max)")
+    model.add_argument("--calibrate", type=Path, help="images like those the model will serve (a folder or a file): "
+                       "the model owner measures the activation ranges on them and ships them in the model card "
+                       "(required for --role model-server unless --act-bits and --comparison-bits are given; "
+                       "with --local the default is the images being classified)")
+
+    service = p.add_argument_group("service (model server and dealer)")
+    service.add_argument("--max-sessions", type=int, default=4,
+                         help="data-owner sessions served at once; more are refused (default 4)")
+    service.add_argument("--max-session-s", type=float, default=3600.0,
+                         help="a session running longer is aborted (default 3600 s)")
 
     data = p.add_argument_group("images (data owner, or --local)")
     data.add_argument("images", nargs="*", type=Path, help="image files (PNG, JPEG, BMP, TIFF, DICOM) or folders")
     data.add_argument("--out", type=Path, default=Path("inference"), help="output folder for the JSON results")
     data.add_argument("--batch-size", type=int, default=1, help="images per encrypted forward pass (default 1)")
     data.add_argument("--no-progress", action="store_true", help="no progress bar")
+    data.add_argument("--port", type=int, help="data owner: port to listen on for its session's mesh "
+                      "(default: its port in the party list; 0: any free port)")
 
-    tuning = p.add_argument_group("fixed point (the data owner and the model server must agree)")
-    tuning.add_argument("--act-bits", type=int, help="fractional bits of activations (default 12)")
+    tuning = p.add_argument_group("fixed point (default: sized from the model card's bounds; if given, the data "
+                                  "owner and the model server must give the same)")
+    tuning.add_argument("--act-bits", type=int, help="fractional bits of activations")
     tuning.add_argument("--weight-bits", type=int, help="fractional bits of the weights (default 20)")
     tuning.add_argument("--comparison-bits", type=int,
-                        help="comparison domain in bits: exact while ReLU and max-pool inputs stay below "
-                        "2^(bits - 1 - act_bits) in magnitude (default 22: below 512); up to 64")
+                        help="comparison domain in bits: exact while compared differences stay below "
+                        "2^(bits - 1 - act_bits) in magnitude; up to 64")
     p.set_defaults(func=main)
 
 
@@ -106,22 +123,19 @@ def _model_settings(args: argparse.Namespace) -> dict[str, Any]:
         "num_classes": args.num_classes,
         **_fixed_point(args),
     }
+    if args.calibrate is not None:
+        from bridge.images import find_images
+
+        settings["calibrate"] = [str(f) for f in find_images(args.calibrate)]
     return settings
 
 
 def _owner_settings(args: argparse.Namespace) -> dict[str, Any]:
-    from bridge.images import find_images
-    from mpc.errors import ConfigError
+    from bridge.images import collect_images
 
-    if not args.images:
-        raise ConfigError("give the images to classify: files or folders (PNG, JPEG, BMP, TIFF, DICOM)")
-    files: list[Path] = []
-    for path in args.images:
-        files.extend(find_images(path))
-    root = args.images[0] if len(args.images) == 1 and args.images[0].is_dir() else None
+    images = collect_images(args.images)
     settings = {
-        "images": [str(f) for f in files],
-        "root": str(root) if root else None,
+        "images": [[str(path), name] for path, name in images],
         "out": str(args.out),
         "batch_size": args.batch_size,
         "progress": not args.no_progress,
@@ -130,15 +144,10 @@ def _owner_settings(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
-def _check_model(settings: dict[str, Any]) -> None:
-    """Load and convert the model now, so that a bad file or an unsupported layer fails before any party starts."""
-    from bridge.models import load_model
-    from bridge.service import load_card_and_weights
-    from bridge.trace import convert
+def _limits(args: argparse.Namespace) -> Any:
+    from mpc.net.sessions import SessionLimits
 
-    card, state = load_card_and_weights(settings)
-    plan = convert(load_model(card, state), card.input_shape).plan
-    log.info("model %s (%s): %s", card.name, card.model_id, plan.summary())
+    return SessionLimits(max_sessions=args.max_sessions, max_session_s=args.max_session_s)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -148,43 +157,84 @@ def main(args: argparse.Namespace) -> int:
         return _run_local(args)
     if args.network is None:
         raise ConfigError(f"--role {args.role} needs --network PARTIES.toml (or use --local)")
-    from mpc.net.config import load_config
+    from mpc.net.config import check_port, load_config
 
     network = load_config(args.network)
     if network.parties != 2:
         raise ConfigError(f"encrypted inference runs 2 parties and a dealer; {args.network} lists {network.parties}")
-    from cli import party
+    if args.role == "data-owner":
+        port = None if args.port is None else check_port(args.port, "--port", allow_any=True)
+        from bridge.service import query_model_server
 
-    if args.role == "dealer":
-        program, settings = None, None
-        endpoint = network.dealer_id
-    elif args.role == "model-server":
-        settings = _model_settings(args)
-        _check_model(settings)
-        program, endpoint = "bridge.service:model_server_program", ROLE_IDS[args.role]
-    else:
-        settings = _owner_settings(args)
-        program, endpoint = "bridge.service:data_owner_program", ROLE_IDS[args.role]
-    party_args = argparse.Namespace(config=args.network, id=endpoint, program=program,
-                                    args=json.dumps([] if settings is None else [settings]), output=None)
-    code = party.main(party_args)
-    if args.role == "data-owner" and code == 0:
+        summary = query_model_server(network, _owner_settings(args), port=port)
+        print(f"encrypted inference of {summary['images']} image(s) with {summary['model']} ({summary['model_id']}): "
+              f"{summary['seconds']:.2f} s, {summary['total']['rounds']} rounds")
         print(f"results written to {args.out}")
-    return code
+        return 0
+    if not getattr(args, "verbose", False):
+        logging.getLogger("websockets").setLevel(logging.WARNING)  # a line per connection otherwise
+    if args.role == "dealer":
+        from mpc.net.sessions import serve_dealer_sessions
+
+        host = serve_dealer_sessions(network, _limits(args))
+    else:
+        from bridge.service import load_served_model, serve_model_sessions
+
+        settings = _model_settings(args)
+        model = load_served_model(settings)
+        log.info("model %s (%s): %s", model.card.name, model.card.model_id, model.plan.summary())
+        if model.card.bounds is not None:
+            log.info("activation bounds %s", model.card.bounds.describe())
+        host = serve_model_sessions(network, model, settings, _limits(args))
+    return _serve_until_stopped(host, args.role)
+
+
+def _serve_until_stopped(host: Any, role: str) -> int:
+    """Serve until Ctrl-C or SIGTERM; then stop accepting, abort running sessions, exit 0."""
+    me = host.config.endpoint(host.endpoint_id)
+    print(f"{role} serving on {me.listen_host}:{me.port} (up to {host.limits.max_sessions} sessions at once); "
+          "stop with Ctrl-C", flush=True)
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        host.stop()
+    print(f"{role} stopped: {host.completed} session(s) served, {host.failed} failed", flush=True)
+    return 0
 
 
 def _run_local(args: argparse.Namespace) -> int:
+    import dataclasses
     import time
 
-    from bridge.service import local_program
+    from bridge.service import load_served_model, local_program
+    from bridge.sizing import LOCAL_MARGIN, run_with_retry, size_fixed_point
     from mpc.net import run_processes
 
     model_settings = _model_settings(args)
     owner_settings = _owner_settings(args)
-    _check_model(model_settings)
+    if "calibrate" not in model_settings:  # this machine holds model and images: measure on the images themselves
+        model_settings = {**model_settings, "calibrate": [path for path, _ in owner_settings["images"]],
+                          "calibration_margin": LOCAL_MARGIN}
+    model = load_served_model(model_settings)  # a bad file or an unsupported layer fails before any party starts
+    log.info("model %s (%s): %s", model.card.name, model.card.model_id, model.plan.summary())
+    bounds = dataclasses.asdict(model.card.bounds) if model.card.bounds is not None else None
+    explicit = _fixed_point(args)
+
+    def run(widen_bits: int) -> list[Any]:
+        # Both roles get the settings sized here, from the same bounds, by the same function.
+        fixed = size_fixed_point(model.card.bounds, **explicit, widen_bits=widen_bits).options()
+        server = {**model_settings, "calibrate": None, "bounds": bounds, **fixed}
+        owner = {**owner_settings, **fixed}
+        return run_processes(local_program, parties=2, args=({"model_server": server, "data_owner": owner},))
+
     t0 = time.perf_counter()
-    settings = {"model_server": model_settings, "data_owner": owner_settings}
-    outs = run_processes(local_program, parties=2, args=(settings,))
+    outs = run_with_retry(run)
     owner, server = outs
     wall = time.perf_counter() - t0
     n = owner["images"]

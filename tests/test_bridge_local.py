@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -166,13 +167,23 @@ def test_three_role_commands_over_the_network(clinic, tmp_path):
     parties = tmp_path / "parties.toml"
     parties.write_text("\n".join(lines) + "\n")
     out = tmp_path / "results"
-    procs = [
+    servers = [  # long-lived: they serve until stopped
         _primia("--role", "dealer", "--network", str(parties)),
-        _primia("--role", "model-server", "--network", str(parties), "--weights", str(weights), *MODEL_ARGS),
-        _primia("--role", "data-owner", "--network", str(parties), str(images), "--out", str(out), "--no-progress"),
+        _primia("--role", "model-server", "--network", str(parties), "--weights", str(weights), *MODEL_ARGS,
+                "--calibrate", str(images)),
     ]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0], outs
-    _check_results(out, images, model, weights)
-    # only the data owner wrote results
-    assert "results written" in outs[2][0] and "results written" not in outs[1][0]
+    try:
+        owner = _primia("--role", "data-owner", "--network", str(parties), str(images), "--out", str(out),
+                        "--no-progress")
+        owner_out = owner.communicate(timeout=300)
+        assert owner.returncode == 0, owner_out
+        _check_results(out, images, model, weights)
+        assert "results written" in owner_out[0]
+    finally:
+        for proc in servers:
+            proc.send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=60) for p in servers]
+    assert [p.returncode for p in servers] == [0, 0], outs
+    # only the data owner wrote results; each server served the one session
+    assert "results written" not in outs[1][0]
+    assert all("stopped: 1 session(s) served, 0 failed" in o[0] for o in outs), outs

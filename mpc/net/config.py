@@ -71,7 +71,7 @@ from .channel import ChannelOptions, Membership
 from .tls import client_context, server_context
 from .wire import Limits
 
-__all__ = ["Endpoint", "TLSConfig", "NetworkConfig", "load_config", "parse_config"]
+__all__ = ["Endpoint", "TLSConfig", "NetworkConfig", "load_config", "parse_config", "check_host", "check_port"]
 
 log = logging.getLogger("primia.net.config")
 
@@ -326,6 +326,46 @@ def parse_config(data: dict[str, Any], *, base_dir: Path = Path("."), source: st
     )
 
 
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._")
+
+
+def check_host(host: Any, where: str) -> str:
+    """A host name or IP address to listen on or dial, or ConfigError saying what is wrong with it.
+
+    The port is never part of the host (``"10.0.0.1:7100"`` is refused with that
+    advice), IPv6 addresses are written without brackets, and a name holds only
+    letters, digits, ``-``, ``.`` and ``_``.
+    """
+    if not isinstance(host, str) or not host:
+        raise ConfigError(f"{where} must be a host name or IP address (a non-empty string), got {host!r}")
+    if host.startswith("[") and host.endswith("]"):
+        raise ConfigError(f"{where}: write the IPv6 address without brackets: {host[1:-1]!r}")
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            name, _, tail = host.rpartition(":")
+            if "://" in host:
+                advice = "give the bare host name, without a scheme such as ws://"
+            else:
+                advice = f"give the port separately (port = {tail!r} is not part of the host)"
+            raise ConfigError(f"{where} {host!r} is not a host name or IP address; {advice}") from None
+        return host
+    if len(host) > 253 or not set(host) <= _HOST_CHARS:
+        raise ConfigError(f"{where} {host!r} is not a host name or IP address "
+                          "(letters, digits, '-', '.' and '_', at most 253 characters)")
+    return host
+
+
+def check_port(port: Any, where: str, *, allow_any: bool = False) -> int:
+    """A TCP port in 1..65535 (0, "any free port", only with ``allow_any``), or ConfigError."""
+    low = 0 if allow_any else 1
+    if isinstance(port, bool) or not isinstance(port, int) or not low <= port <= 65535:
+        free = " (0: any free port)" if allow_any else ""
+        raise ConfigError(f"{where} must be an integer in {low}..65535{free}, got {port!r}")
+    return port
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -347,19 +387,17 @@ def _endpoints(raw: Any, base_dir: Path, source: str, tls: bool) -> tuple[Endpoi
         for key in ("id", "host", "port"):
             if key not in entry:
                 raise ConfigError(f"{where}: '{key}' is required")
-        pid, host, port = entry["id"], entry["host"], entry["port"]
+        pid = entry["id"]
         if isinstance(pid, bool) or not isinstance(pid, int) or pid < 0:
             raise ConfigError(f"{where}: id must be a non-negative integer, got {pid!r}")
-        if not isinstance(host, str) or not host:
-            raise ConfigError(f"{where}: host must be a non-empty string, got {host!r}")
-        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-            raise ConfigError(f"{where}: port must be an integer in 1..65535, got {port!r}")
+        host = check_host(entry["host"], f"{where}: host")
+        port = check_port(entry["port"], f"{where}: port")
         role = entry.get("role", "party")
         if role not in ("party", "dealer"):
             raise ConfigError(f"{where}: role must be \"party\" or \"dealer\", got {role!r}")
         bind = entry.get("bind")
-        if bind is not None and (not isinstance(bind, str) or not bind):
-            raise ConfigError(f"{where}: bind must be a host string, got {bind!r}")
+        if bind is not None:
+            bind = check_host(bind, f"{where}: bind")
         cert = _path(entry["cert"], base_dir, f"{where} cert") if "cert" in entry else None
         key = _path(entry["key"], base_dir, f"{where} key") if "key" in entry else None
         if tls and (cert is None or key is None):

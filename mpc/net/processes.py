@@ -1,13 +1,23 @@
 """Running a party program with every party and the dealer in its own OS process.
 
 :func:`run_processes` is :func:`mpc.run_local` over real websockets: it starts
-``parties + 1`` processes with the ``spawn`` method, each of which listens on a
-free port on 127.0.0.1 and reports it, learns the others' ports, joins the
-authenticated mesh (a fresh random secret and session per run) and runs the
-same :func:`run_endpoint` code that ``primia party`` runs from a config.
+``parties + 1`` fresh Python processes, each of which listens on a free port on
+127.0.0.1 and reports it, learns the others' ports, joins the authenticated
+mesh (a fresh random secret and session per run) and runs the same
+:func:`run_endpoint` code that ``primia party`` runs from a config.
 
-Results come back to the parent over a local pipe from the child it spawned,
-encoded with msgpack (numpy arrays, numpy scalars and tuples as extension
+Each process is a new interpreter running ``python -m mpc.net.spawned``, not a
+multiprocessing ``spawn`` child, which would import the caller's main script
+again in every process: a script without an ``if __name__ == "__main__":``
+guard would then run itself once per party.  Here a process imports only the
+program's own module (for :func:`bridge.infer_local`, a library module).  Only
+a program defined in the main script itself makes the processes import that
+script (as ``__mp_main__``, as multiprocessing does); a script that then calls
+:func:`run_processes` again while being imported is refused with the fix.
+
+The parent sends each process its start-up arguments over a private pipe
+(pickled, as multiprocessing does: they come from the caller).  Results come
+back over the same pipe pair, encoded with msgpack (numpy arrays, numpy scalars and tuples as extension
 types) -- not pickled.  A party that fails reports its error; the parent
 re-raises it (same type where the type is importable, the party named and its
 traceback attached), preferring a root cause over the peers' resulting
@@ -17,16 +27,20 @@ call: survivors are terminated, then killed.
 
 from __future__ import annotations
 
+import importlib
 import logging
-import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
+import runpy
 import secrets
 import signal
+import subprocess
 import sys
 import threading
 import time
 import traceback
+import types
 from typing import Any, Callable
 
 import msgpack
@@ -36,18 +50,19 @@ from ..comm import DEFAULT_TIMEOUT_S, Communicator
 from ..context import setup_dealer, setup_party
 from ..dealer import serve_dealer
 from ..protocols.compare import check_comparison_options, check_comparison_slack
-from ..errors import PeerFailure, PrimiaError
+from ..errors import ConfigError, PeerFailure, PrimiaError
 from .channel import ChannelOptions, Membership
 from .connection import NetworkTransport, endpoint_name
 from .wire import Limits
 
-__all__ = ["run_processes", "run_endpoint", "RemoteError", "pack_value", "unpack_value"]
+__all__ = ["run_processes", "run_endpoint", "RemoteError", "pack_value", "unpack_value", "child_entry"]
 
 log = logging.getLogger("primia.net")
 
 _EXT_NDARRAY, _EXT_TUPLE, _EXT_SCALAR = 1, 2, 3
 _RESULT_KINDS = "biufc"  # bool, signed, unsigned, float, complex: plain numbers only
 _GRACE_S = 10.0  # after a failure, how long the others get to report theirs before they are stopped
+_START_GRACE_S = 2.0  # the same for a failure during start-up, when no computation is under way
 
 
 class RemoteError(PrimiaError):
@@ -179,11 +194,36 @@ def _rebuild_error(info: dict[str, Any], where: str) -> BaseException:
 
 
 # -- the child process --------------------------------------------------------------------
-def _send(conn: multiprocessing.connection.Connection, message: dict[str, Any]) -> None:
+class _Pipe:
+    """A child's two pipe ends as one duplex connection (length-prefixed messages)."""
+
+    def __init__(self, read_fd: int, write_fd: int):
+        self._reader = multiprocessing.connection.Connection(read_fd, writable=False)
+        self._writer = multiprocessing.connection.Connection(write_fd, readable=False)
+
+    def send_bytes(self, data: bytes) -> None:
+        self._writer.send_bytes(data)
+
+    def recv_bytes(self) -> bytes:
+        return self._reader.recv_bytes()
+
+    def poll(self, timeout_s: float = 0.0) -> bool:
+        return self._reader.poll(timeout_s)
+
+    def fileno(self) -> int:  # for multiprocessing.connection.wait: readable when a message (or EOF) is there
+        return self._reader.fileno()
+
+    def close(self) -> None:
+        for end in (self._reader, self._writer):
+            if not end.closed:
+                end.close()
+
+
+def _send(conn: _Pipe, message: dict[str, Any]) -> None:
     conn.send_bytes(msgpack.packb(message, use_bin_type=True))
 
 
-def _recv(conn: multiprocessing.connection.Connection, timeout_s: float) -> dict[str, Any]:
+def _recv(conn: _Pipe, timeout_s: float) -> dict[str, Any]:
     if not conn.poll(timeout_s):
         raise TimeoutError(f"the parent process sent nothing within {timeout_s:g} s")
     return msgpack.unpackb(conn.recv_bytes(), raw=False, strict_map_key=False)
@@ -209,10 +249,8 @@ def _child_main(
     settings: dict[str, Any],
     secret: bytes,
     session: str,
-    conn: multiprocessing.connection.Connection,
-    parent_pid: int,
+    conn: _Pipe,
 ) -> None:
-    _watch_parent(parent_pid)
     name = endpoint_name(rank, parties + 1)
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [{name}] %(name)s %(levelname)s: %(message)s")
     transport = None
@@ -259,13 +297,92 @@ def _child_main(
 
 
 # -- the parent --------------------------------------------------------------------------
-def _check_program(program: Any) -> None:
+def _check_program(program: Any) -> tuple[str, str]:
+    """The (module, qualified name) by which the party processes import ``program``."""
     qualname = getattr(program, "__qualname__", "")
-    if not callable(program) or not getattr(program, "__module__", None) or "<" in qualname or "." in qualname:
+    module = getattr(program, "__module__", None)
+    if not callable(program) or not module or "<" in qualname or "." in qualname:
         raise ValueError(
             f"run_processes needs a module-level function (importable by the spawned processes), got {program!r}; "
             "define it at the top level of a module"
         )
+    if module == "__main__" and not getattr(sys.modules["__main__"], "__file__", None):
+        raise ConfigError(f"{qualname} is defined in an interactive session, which the party processes cannot "
+                          "import; define it in a module file and import it from there")
+    return module, qualname
+
+
+# Set in a party process while it imports the caller's main script to find the program.
+_IMPORTING_MAIN: str | None = None
+
+
+def _refuse_reentry() -> None:
+    if _IMPORTING_MAIN is not None:
+        raise ConfigError(
+            f"{_IMPORTING_MAIN} calls run_processes again when a party process imports it to find the program; "
+            'put the code that starts the run under `if __name__ == "__main__":` in that script'
+        )
+
+
+def _import_main(path: str) -> types.ModuleType:
+    """Run the caller's main script as ``__mp_main__`` (as multiprocessing's spawn does) and alias it ``__main__``."""
+    global _IMPORTING_MAIN
+    module = types.ModuleType("__mp_main__")
+    module.__file__ = path
+    sys.modules["__mp_main__"] = module
+    _IMPORTING_MAIN = path
+    try:
+        module.__dict__.update(runpy.run_path(path, run_name="__mp_main__"))
+    finally:
+        _IMPORTING_MAIN = None
+    sys.modules["__main__"] = module  # objects pickled as __main__.X resolve here
+    return module
+
+
+def _load_program(spec: list | None, main_path: str | None) -> Callable[..., Any] | None:
+    if spec is None:
+        return None
+    module_name, qualname = spec
+    module = _import_main(str(main_path)) if module_name == "__main__" else importlib.import_module(module_name)
+    program = getattr(module, qualname, None)
+    if not callable(program):
+        raise ConfigError(f"the party process found no function {qualname!r} in {module_name}")
+    return program
+
+
+def child_entry(read_fd: int, write_fd: int) -> None:
+    """A party process (``python -m mpc.net.spawned``): read its start-up messages from the parent, then run."""
+    conn = _Pipe(read_fd, write_fd)
+    boot = msgpack.unpackb(conn.recv_bytes(), raw=False)
+    payload = conn.recv_bytes()  # read both messages first: the parent never blocks on a failed child
+    _watch_parent(boot["parent_pid"])
+    sys.path[:] = boot["sys_path"]
+    try:
+        program = _load_program(boot["program"], boot["main_path"])
+        # From our own parent, over a private pipe: the arguments it passed, as multiprocessing would pickle them.
+        args, settings, secret = pickle.loads(payload)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        _send(conn, _describe_error(exc))
+        conn.close()
+        sys.exit(1)
+    _child_main(boot["rank"], boot["parties"], program, args, settings, secret, boot["session"], conn)
+
+
+def _start_child() -> tuple[subprocess.Popen, _Pipe]:
+    """A fresh interpreter running :func:`child_entry`, and the two pipes to it."""
+    down_read, down_write = os.pipe()
+    up_read, up_write = os.pipe()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "mpc.net.spawned", str(down_read), str(up_write)],
+                                pass_fds=(down_read, up_write))
+    except BaseException:
+        for fd in (down_write, up_read):
+            os.close(fd)
+        raise
+    finally:
+        os.close(down_read)
+        os.close(up_write)
+    return proc, _Pipe(up_read, down_write)
 
 
 class _Run:
@@ -274,8 +391,8 @@ class _Run:
     def __init__(self, parties: int):
         self.parties = parties
         self.size = parties + 1
-        self.processes: list[Any] = []
-        self.pipes: list[multiprocessing.connection.Connection] = []
+        self.processes: list[subprocess.Popen] = []
+        self.pipes: list[_Pipe] = []
         self.ports: dict[int, int] = {}
         self.results: dict[int, Any] = {}
         self.reported: dict[int, BaseException] = {}
@@ -319,8 +436,10 @@ class _Run:
         if self.done(rank):
             return
         proc = self.processes[rank]
-        proc.join(1.0)
-        code = proc.exitcode
+        try:
+            code = proc.wait(1.0)
+        except subprocess.TimeoutExpired:
+            code = None
         if code is not None and code < 0:
             try:
                 how = f"was killed by {signal.Signals(-code).name}"
@@ -343,19 +462,14 @@ class _Run:
                 limit = grace_end if limit is None else min(limit, grace_end)
             if limit is not None and now >= limit:
                 return
-            waitables: list[Any] = [self.pipes[r] for r in pending] + [self.processes[r].sentinel for r in pending]
-            ready = multiprocessing.connection.wait(waitables, None if limit is None else limit - now)
+            # A child's pipe is readable when it sent a message, and at EOF when it exited
+            # (handle() then reads EOFError and marks it gone).
+            ready = multiprocessing.connection.wait([self.pipes[r] for r in pending],
+                                                    None if limit is None else limit - now)
             for obj in ready:
                 for r in pending:
                     if obj is self.pipes[r] and not self.done(r):
                         self.handle(r)
-            for obj in ready:
-                for r in pending:
-                    if obj == self.processes[r].sentinel and not self.done(r):
-                        # Read anything it sent before exiting, then mark it gone.
-                        while not self.done(r) and self.pipes[r].poll(0):
-                            self.handle(r)
-                        self.process_gone(r)
 
     def root_cause(self) -> BaseException:
         reported = list(self.reported.values())
@@ -368,14 +482,15 @@ class _Run:
 
     def reap(self) -> None:
         for proc in self.processes:
-            if proc.is_alive():
+            if proc.poll() is None:
                 proc.terminate()
         deadline = time.monotonic() + 3.0
         for proc in self.processes:
-            proc.join(max(deadline - time.monotonic(), 0.05))
-            if proc.is_alive():
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.05))
+            except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.join(5.0)
+                proc.wait(5.0)
         for pipe in self.pipes:
             pipe.close()
 
@@ -399,8 +514,10 @@ def run_processes(
 
     Like :func:`mpc.run_local`, but the parties and the dealer talk over
     authenticated websockets on 127.0.0.1.  ``program`` must be a module-level
-    function (the processes start with ``spawn`` and import it); ``args`` are
-    passed to the spawned processes by multiprocessing; return values must be
+    function: each process is a fresh interpreter that imports the program's
+    module (the caller's script only if the program is defined there, so such a
+    script needs its ``if __name__ == "__main__":`` guard); ``args`` are pickled
+    to the processes over a private pipe; return values must be
     numpy arrays, numbers, strings, bytes, or lists/tuples/dicts of those.
 
     Args:
@@ -418,11 +535,12 @@ def run_processes(
         and its traceback attached), or :class:`~mpc.errors.PeerFailure` if a
         process died.
     """
+    _refuse_reentry()
     if parties < 2:
         raise ValueError(f"secret sharing needs at least 2 parties, got {parties}")
     if truncation not in ("exact", "local"):
         raise ValueError(f"truncation must be 'exact' or 'local', got {truncation!r}")
-    _check_program(program)
+    spec = _check_program(program)
     check_comparison_slack(comparison_slack_bits, check_comparison_options(comparison, comparison_bits, parties)[1])
     options = options or ChannelOptions(connect_timeout_s=start_timeout_s)
     settings = {
@@ -440,23 +558,24 @@ def run_processes(
     }
     secret = secrets.token_bytes(32)
     session = secrets.token_hex(8)
-    mp = multiprocessing.get_context("spawn")
+    main_path = getattr(sys.modules["__main__"], "__file__", None) if spec[0] == "__main__" else None
+    payload = pickle.dumps((args, settings, secret), protocol=pickle.HIGHEST_PROTOCOL)
     run = _Run(parties)
     try:
-        for rank in range(parties + 1):
-            parent_end, child_end = mp.Pipe(duplex=True)
-            proc = mp.Process(
-                target=_child_main,
-                args=(rank, parties, program if rank < parties else None, args, settings, secret, session, child_end,
-                      os.getpid()),
-                name=f"primia-{run.name(rank).replace(' ', '-')}",
-                daemon=True,
-            )
-            proc.start()
-            child_end.close()
+        for _ in range(parties + 1):
+            proc, pipe = _start_child()
             run.processes.append(proc)
-            run.pipes.append(parent_end)
-
+            run.pipes.append(pipe)
+        # Every child boots in parallel; each start-up message waits only for its own child to read it.
+        for rank, pipe in enumerate(run.pipes):
+            boot = {"rank": rank, "parties": parties, "program": list(spec) if rank < parties else None,
+                    "main_path": main_path if rank < parties else None, "sys_path": list(sys.path),
+                    "session": session, "parent_pid": os.getpid()}
+            try:
+                pipe.send_bytes(msgpack.packb(boot, use_bin_type=True))
+                pipe.send_bytes(payload)
+            except OSError:
+                pass  # it died at once; wait() reads why
         start_deadline = time.monotonic() + start_timeout_s
         run.wait(lambda: len(run.ports) == run.size or run.first_failure_at is not None, start_deadline)
         if run.first_failure_at is None and len(run.ports) < run.size:
@@ -467,8 +586,8 @@ def run_processes(
             for pipe in run.pipes:
                 _send(pipe, {"t": "peers", "ports": ports})
             run.wait(lambda: False, None)
-        else:
-            run.wait(lambda: False, None)
+        else:  # failed while starting: the others have no peers to wait for, only their own errors to tell
+            run.wait(lambda: False, time.monotonic() + _START_GRACE_S)
         if run.reported or run.died:
             root = run.root_cause()
             failures = {**run.reported, **run.died}

@@ -262,6 +262,16 @@ def _parse_prefix(prefix: bytes | memoryview, limits: Limits, peer: object) -> i
 
 
 def _parse_header(raw: bytes | memoryview, limits: Limits, peer: object) -> _Layout:
+    """The header's layout, or FrameError: no other exception may escape a peer's bytes."""
+    try:
+        return _parse_layout(raw, limits, peer)
+    except FrameError:
+        raise
+    except Exception as exc:  # a check we lack: still the peer's fault, still named as such
+        raise FrameError(peer, f"undecodable header: {type(exc).__name__}: {exc}") from exc
+
+
+def _parse_layout(raw: bytes | memoryview, limits: Limits, peer: object) -> _Layout:
     # Hot path (every message): exact type checks, errors formatted only when raised.
     try:
         meta = msgpack.unpackb(raw, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True)
@@ -297,11 +307,19 @@ def _parse_header(raw: bytes | memoryview, limits: Limits, peer: object) -> _Lay
             raise FrameError(peer, f"array {name!r} has dtype {dtype_name!r:.40}, which is not on the allow-list")
         if type(shape) is not list or len(shape) > _MAX_NDIM:
             raise FrameError(peer, f"array {name!r} has an invalid shape {shape!r:.80}")
-        count = 1
+        # Every dimension is bounded, not just the element count: a zero-size
+        # array such as [0, 2**62] holds no bytes, yet numpy refuses its shape.
+        count = extent = 1
         for d in shape:
             if type(d) is not int or d < 0:  # (type(True) is bool, so booleans are refused too)
                 raise FrameError(peer, f"array {name!r} has an invalid shape {shape!r:.80}")
             count *= d
+            extent *= d or 1
+            if extent * dtype.itemsize > limits.max_message_bytes:
+                raise FrameError(
+                    peer, f"array {name!r} declares shape {shape!r:.80}, whose dimensions exceed the limit of "
+                    f"{limits.max_message_bytes} bytes (max_message_bytes) even where it holds no element"
+                )
         nbytes = count * dtype.itemsize
         if offset + nbytes > limits.max_message_bytes:
             raise FrameError(
@@ -329,8 +347,12 @@ def _views(body: Any, layout: _Layout) -> dict[str, np.ndarray]:
     return out
 
 
-def _message(layout: _Layout, body: Any, nbytes: int) -> Message:
-    return Message(layout.kind, layout.sender, layout.session, layout.header, _views(body, layout), nbytes)
+def _message(layout: _Layout, body: Any, nbytes: int, peer: object) -> Message:
+    try:
+        arrays = _views(body, layout)
+    except Exception as exc:  # the layout was validated; this is the backstop, as in _parse_header
+        raise FrameError(peer, f"undecodable arrays: {type(exc).__name__}: {exc}") from exc
+    return Message(layout.kind, layout.sender, layout.session, layout.header, arrays, nbytes)
 
 
 def decode_message(
@@ -355,7 +377,7 @@ def decode_message(
             peer, f"{what} message: header declares {layout.body_bytes} array bytes, got {size - body_start}"
         )
     body = memoryview(view)[body_start:] if isinstance(view, bytes) else view[body_start:]
-    return _message(layout, body, size)
+    return _message(layout, body, size, peer)
 
 
 class StreamDecoder:
@@ -461,4 +483,4 @@ class StreamDecoder:
             raise FrameError(
                 self._peer, f"truncated message: header declares {self._layout.body_bytes} array bytes, got {self._pos}"
             )
-        return _message(self._layout, self._body, self.received)
+        return _message(self._layout, self._body, self.received, self._peer)
