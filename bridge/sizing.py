@@ -42,7 +42,7 @@ from typing import Callable, Iterable, TypeVar
 
 import numpy as np
 
-from mpc.errors import ConfigError, EncodingRangeError, PrimiaError
+from mpc.errors import ComparisonOverflow, ConfigError, EncodingRangeError, PrimiaError
 from mpc.protocols.compare import MAX_BITS
 from mpc.ring import HEADROOM_BITS, RING_BITS
 
@@ -71,9 +71,9 @@ LOCAL_MARGIN = 2.0
 #: how much wider the comparison domain is on the one retry after a detected overflow
 WIDEN_BITS = 8
 #: errors that mean "a value left its domain inside the protocol", answered by one retry, wider.
-#: TODO(lead): add mpc.errors.ComparisonOverflow (issue-mpcnl) once merged; it is raised by both
-#: parties at the same protocol step, which is what makes a retry of the whole run safe.
-OVERFLOW_ERRORS: tuple[type[PrimiaError], ...] = (EncodingRangeError,)
+#: ComparisonOverflow is raised by every party at the same protocol step (the check before a result is
+#: opened), which is what makes a retry of the whole run safe.
+OVERFLOW_ERRORS: tuple[type[PrimiaError], ...] = (EncodingRangeError, ComparisonOverflow)
 # act_bits + weight_bits must stay within EncryptedModel's limit of 40
 _MAX_ACT_BITS = 20
 

@@ -220,8 +220,7 @@ async def _garbage(parties: Path) -> dict[str, object]:
                               ("wrong kind", encode_message("hello", {"x": 1}, sender=client_id,
                                                             session=config.session)[0])):
             async with ws_connect(f"ws://127.0.0.1:{port}", compression=None) as ws:
-                await client_handshake(ws, secret=config.secret, local_id=client_id, server_id=endpoint,
-                                       session=config.session, timeout_s=5)
+                await client_handshake(ws, config.membership(client_id), endpoint, timeout_s=5)
                 await ws.send(payload)
                 try:
                     reply = await asyncio.wait_for(ws.recv(), 10)
@@ -238,8 +237,7 @@ async def _garbage(parties: Path) -> dict[str, object]:
                                                           "server": ["127.0.0.1", 5001]}))
     for role, endpoint, client_id, kind, name, header in requests:
         async with ws_connect(f"ws://127.0.0.1:{config.endpoint(endpoint).port}", compression=None) as ws:
-            await client_handshake(ws, secret=config.secret, local_id=client_id, server_id=endpoint,
-                                   session=config.session, timeout_s=5)
+            await client_handshake(ws, config.membership(client_id), endpoint, timeout_s=5)
             await ws.send(encode_message(kind, header, sender=client_id, session=config.session)[0])
             seen[f"{role} {name}"] = await asyncio.wait_for(ws.recv(), 10)
     return seen

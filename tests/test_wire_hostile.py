@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import connect as ws_connect
 
 from mpc.errors import FrameError
-from mpc.net.auth import client_handshake
+from mpc.net.auth import Membership, client_handshake
 from mpc.net.wire import MAGIC, WIRE_DTYPES, WIRE_VERSION, Limits, StreamDecoder, decode_message
 
 from .test_net import _free_ports, _write_config
@@ -193,7 +193,7 @@ async def _hostile_peers(port: int, secret: bytes, session: str) -> tuple[int | 
                 break
             except OSError:
                 await asyncio.sleep(0.1)
-        await client_handshake(ws, secret=secret, local_id=pid, server_id=0, session=session, timeout_s=10)
+        await client_handshake(ws, Membership(pid, secret, session), 0, timeout_s=10)
         sockets.append(ws)
     await sockets[1].send(_raw(_meta([["x", "uint8", [0, 2**62]]], sender=2, session=session)))
     codes = []

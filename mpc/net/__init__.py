@@ -1,7 +1,7 @@
 """primia's network layer: MPC parties and federation nodes over authenticated websockets.
 
 - :mod:`mpc.net.wire`: the message format (msgpack header + raw little-endian arrays).
-- :mod:`mpc.net.auth`: mutual HMAC challenge-response membership proof.
+- :mod:`mpc.net.auth`: the handshake (the connecting side proves itself first; Ed25519 keys or a shared secret).
 - :mod:`mpc.net.channel`: authenticated asyncio channels, ``connect`` and ``serve``.
 - :mod:`mpc.net.connection`: the MPC mesh as a synchronous ``Transport``.
 - :mod:`mpc.net.config`: the TOML party list.
@@ -10,7 +10,7 @@
 See docs/network.md.
 """
 
-from .channel import Channel, ChannelClosed, ChannelOptions, Membership, connect, serve
+from .channel import Channel, ChannelClosed, ChannelOptions, Identity, Membership, connect, serve
 from .config import Endpoint, NetworkConfig, TLSConfig, load_config, parse_config
 from .connection import EventLoopThread, NetworkTransport
 from .processes import RemoteError, run_endpoint, run_processes
@@ -26,6 +26,7 @@ __all__ = [
     "ChannelClosed",
     "ChannelOptions",
     "Membership",
+    "Identity",
     "connect",
     "serve",
     "Endpoint",
