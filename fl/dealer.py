@@ -33,14 +33,13 @@ from typing import Any, Callable
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mpc.errors import FrameError, PeerFailure, PrimiaError, ProtocolError
-from mpc.net.channel import Channel, connect
+from mpc.net.channel import Channel
 
 from .dealer_masking import DealerRound, Kind
 from .identity import Directory, sign_statement
 from .messages import PROTOCOL_VERSION, Message, check
 from .messages import Kind as Common
-from .node import Backoff
-from .transport import HUB_ID, limits_for, options_for, recv, send
+from .transport import Backoff, limits_for, recv, send, stay_connected
 
 __all__ = ["DealerSession", "DealerClient", "run_dealer"]
 
@@ -176,22 +175,8 @@ class DealerClient:
         log.info("dealer for %d node(s) (%s); connecting to the hub at %s", len(self.directory.names()),
                  ", ".join(self.directory.names()), self.hub)
         try:
-            while True:
-                try:
-                    channel = await connect(self.hub, membership=self.identity, peer_id=HUB_ID,
-                                            peer_label=f"the hub at {self.hub}", limits=self.limits,
-                                            options=options_for(connect_timeout_s=self.backoff.cap), ssl=self.tls)
-                except PeerFailure as exc:
-                    delay = self.backoff.next()
-                    log.info("the hub is not reachable (%s); trying again in %.1f s", exc.reason, delay)
-                    await asyncio.sleep(delay)
-                    continue
-                self.backoff.reset()
-                log.info("connected to the hub (run %s)", channel.context or "?")
-                ended = await self._serve(channel)
-                if ended is not None and self.once:
-                    return ended
-                await asyncio.sleep(self.backoff.next())
+            return await stay_connected(self.hub, self.identity, self._serve, tls=self.tls, limits=self.limits,
+                                        backoff=self.backoff, once=self.once)
         finally:
             self.worker.shutdown(wait=False, cancel_futures=True)
 

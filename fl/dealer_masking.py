@@ -42,21 +42,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from mpc.errors import ProtocolError
 
-from .errors import RoundFailed, TooFewNodes
+from .errors import RoundFailed
 from .identity import SIGNATURE_BYTES, Directory, digest, verify_statement
 from .masks import RING_DTYPES, X25519_BYTES, agree_seed, apply_masks, encode_add, x25519_public
 from .messages import PROTOCOL_VERSION, Message, check, check_map
-from .strategy import (
-    DEALER_LINK,
-    Aggregator,
-    Masker,
-    NodeContext,
-    RoundStart,
-    RoundSum,
-    SendTo,
-    majority,
-    threshold_rule,
-)
+from .strategy import DEALER_LINK, Masker, NodeContext, RoundStart, RoundSum, SendTo, StagedAggregator, majority
 
 __all__ = ["Kind", "DealerAggregator", "DealerMasker", "DealerRound", "dealer_seed"]
 
@@ -148,7 +138,7 @@ class _HubRound:
     mask_sum: np.ndarray | None = field(default=None, repr=False)
 
 
-class DealerAggregator(Aggregator):
+class DealerAggregator(StagedAggregator):
     """The hub's side (see the module docstring); the dealer is the peer :data:`fl.strategy.DEALER_LINK`."""
 
     kinds = frozenset({Kind.PUBLIC, Kind.SIGNATURE, Kind.DEALER_KEY, Kind.MASK_SUM})
@@ -161,33 +151,8 @@ class DealerAggregator(Aggregator):
         self.dealer_key = dealer_key
         self._round: _HubRound | None = None
 
-    def _r(self) -> _HubRound:
-        assert self._round is not None, "no round is open"
-        return self._round
-
-    @property
-    def stage(self) -> str:
-        return self._round.stage if self._round is not None else "idle"
-
-    @property
-    def training(self) -> bool:
-        return self.stage == "upload"
-
-    @property
-    def sum_fixed(self) -> bool:
-        return self.stage in ("consistency", "unmask", "done")
-
-    def waiting_for(self) -> set[str]:
-        return set(self._r().waiting)
-
-    def complete(self) -> bool:
-        return self._round is not None and self._round.stage == "done"
-
-    def train_fields(self, node: str) -> dict[str, Any]:
-        return {"weight": self._r().start.weight(node)}
-
     def open_round(self, start: RoundStart) -> list[SendTo]:
-        self._round = rnd = _HubRound(start, waiting={*start.nodes, DEALER_LINK}, alive={*start.nodes, DEALER_LINK})
+        self._round = _HubRound(start, waiting={*start.nodes, DEALER_LINK}, alive={*start.nodes, DEALER_LINK})
         to_dealer = {"protocol": PROTOCOL_VERSION, "round": start.number, "context": start.context,
                      "size": start.size, "ring_bits": self.ring_bits, "min_nodes": start.min_nodes}
         to_nodes = {"round": start.number, "context": start.context, "min_nodes": start.min_nodes}
@@ -288,13 +253,6 @@ class DealerAggregator(Aggregator):
         rnd.alive.discard(peer)
         rnd.waiting.discard(peer)
         return self._advance()
-
-    def _need(self, stage: str, remaining: list[str], threshold: int) -> None:
-        if len(remaining) < threshold:
-            rnd = self._r()
-            count = len(rnd.roster) if rnd.roster else len(rnd.start.nodes)
-            raise TooFewNodes(rnd.start.number, stage, sorted(remaining), threshold,
-                              threshold_rule(count, rnd.start.min_nodes))
 
     def _advance(self) -> list[SendTo]:
         rnd = self._r()

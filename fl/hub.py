@@ -36,7 +36,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
 import numpy as np
@@ -65,7 +64,6 @@ from .hub_protocol import (
     SendTo,
 )
 from .identity import load_private_key, load_public_key
-from .messages import Message
 from .metrics import compute_metrics, pool
 from .models import Layout, build_model
 from .report import roc_curves, write_report

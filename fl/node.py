@@ -30,13 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from mpc.errors import FrameError, PeerFailure
-from mpc.net.channel import Channel, connect
+from mpc.net.channel import Channel
 
 from .data import scan_folder
 from .node_protocol import MASK_LANE, TRAIN_LANE, Close, NodeRuntime, NodeSession, Send, Work
-from .transport import HUB_ID, limits_for, options_for, recv, send
+from .transport import Backoff, limits_for, recv, send, stay_connected
 
-__all__ = ["default_node_name", "NodeClient", "run_node", "share_the_gil", "Backoff"]
+__all__ = ["default_node_name", "NodeClient", "run_node", "share_the_gil"]
 
 log = logging.getLogger("primia.node")
 
@@ -60,21 +60,6 @@ def default_node_name(data_dir: str | Path) -> str:
     """The data folder's name, reduced to the characters node names may use."""
     name = re.sub(r"[^A-Za-z0-9._-]", "-", Path(data_dir).resolve().name)[:64].strip("-")
     return name or "node"
-
-
-class Backoff:
-    """Delays between attempts: ``first`` doubling up to ``cap`` seconds; :meth:`reset` after a success."""
-
-    def __init__(self, first: float = 0.5, cap: float = 30.0):
-        self.first, self.cap = first, cap
-        self.delay = first
-
-    def next(self) -> float:
-        delay, self.delay = self.delay, min(self.delay * 2, self.cap)
-        return delay
-
-    def reset(self) -> None:
-        self.delay = self.first
 
 
 class NodeClient:
@@ -113,24 +98,8 @@ class NodeClient:
         """
         log.info("node %s: %s; connecting to the hub at %s", self.runtime.name, self._describe(), self.hub)
         try:
-            while True:
-                try:
-                    channel = await connect(self.hub, membership=self.identity, peer_id=HUB_ID,
-                                            peer_label=f"the hub at {self.hub}", limits=self.limits,
-                                            options=options_for(connect_timeout_s=self.backoff.cap), ssl=self.tls)
-                except PeerFailure as exc:
-                    delay = self.backoff.next()
-                    log.info("the hub is not reachable (%s); trying again in %.1f s", exc.reason, delay)
-                    await asyncio.sleep(delay)
-                    continue
-                self.backoff.reset()
-                log.info("connected to the hub (run %s)", channel.context or "?")
-                ended = await self._serve(channel)
-                if ended is not None and self.once:
-                    return ended
-                delay = self.backoff.next()
-                log.info("dialing the hub again in %.1f s", delay)
-                await asyncio.sleep(delay)
+            return await stay_connected(self.hub, self.identity, self._serve, tls=self.tls, limits=self.limits,
+                                        backoff=self.backoff, once=self.once)
         finally:
             for executor in self.executors.values():
                 executor.shutdown(wait=False, cancel_futures=True)

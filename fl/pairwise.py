@@ -66,12 +66,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from mpc.errors import ProtocolError
-from mpc.prg import SEED_BYTES, new_seed
+from mpc.prg import new_seed
 
 from . import shamir
-from .errors import RoundFailed, TooFewNodes
+from .errors import RoundFailed
 from .graphs import components, holders, mask_graph
-from .identity import SIGNATURE_BYTES, Directory, digest, sign_statement, verify_statement
+from .identity import SIGNATURE_BYTES, Directory, digest, verify_statement
 from .masks import (
     RING_DTYPES,
     X25519_BYTES,
@@ -82,7 +82,7 @@ from .masks import (
     x25519_public,
 )
 from .messages import Message, check, check_map
-from .strategy import Aggregator, Masker, NodeContext, RoundStart, RoundSum, SendTo, majority, threshold_rule
+from .strategy import Masker, NodeContext, RoundStart, RoundSum, SendTo, StagedAggregator, majority
 
 __all__ = ["Kind", "PairwiseAggregator", "PairwiseMasker", "share_threshold"]
 
@@ -191,7 +191,7 @@ class _HubRound:
     dropped: list[str] = field(default_factory=list)
 
 
-class PairwiseAggregator(Aggregator):
+class PairwiseAggregator(StagedAggregator):
     """The hub's side (see the module docstring).
 
     Args:
@@ -213,44 +213,10 @@ class PairwiseAggregator(Aggregator):
         if neighbours:
             self.label = f"secure (pairwise masks, {neighbours} neighbours)"
 
-    # -- stage machinery ----------------------------------------------------------------------
-
-    def _r(self) -> _HubRound:
-        assert self._round is not None, "no round is open"
-        return self._round
-
-    @property
-    def stage(self) -> str:
-        return self._round.stage if self._round is not None else "idle"
-
-    @property
-    def training(self) -> bool:
-        return self.stage == "upload"
-
-    @property
-    def sum_fixed(self) -> bool:
-        return self.stage in ("consistency", "unmask", "done")
-
-    def waiting_for(self) -> set[str]:
-        return set(self._r().waiting)
-
-    def complete(self) -> bool:
-        return self._round is not None and self._round.stage == "done"
-
-    def _need(self, what: str, remaining: list[str], threshold: int) -> None:
-        if len(remaining) < threshold:
-            rnd = self._r()
-            count = len(rnd.roster) if rnd.roster else len(rnd.start.nodes)
-            raise TooFewNodes(rnd.start.number, what, sorted(remaining), threshold,
-                              threshold_rule(count, rnd.start.min_nodes))
-
     def open_round(self, start: RoundStart) -> list[SendTo]:
         self._round = rnd = _HubRound(start, waiting=set(start.nodes), alive=set(start.nodes))
         header = {"round": start.number, "context": start.context, "min_nodes": start.min_nodes}
         return [SendTo(n, Message(Kind.KEYS, header)) for n in rnd.waiting]
-
-    def train_fields(self, node: str) -> dict[str, Any]:
-        return {"weight": self._r().start.weight(node)}
 
     def _expect(self, peer: str, msg: Message, stage: str) -> _HubRound:
         rnd = self._r()

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import numpy as np
 
 from .aggregation import ServerOptimizer, round_weights
+from .errors import TooFewNodes
 from .messages import Message
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ __all__ = [
     "RoundStart",
     "RoundSum",
     "Aggregator",
+    "StagedAggregator",
     "Wrapper",
     "Weighted",
     "ServerStep",
@@ -193,6 +195,46 @@ class Aggregator(abc.ABC):
 
     def load_state(self, state: Mapping[str, np.ndarray]) -> None:
         pass
+
+
+class StagedAggregator(Aggregator):
+    """What the masked aggregators share: one round at a time in ``self._round`` (with ``start``, ``stage``
+    and ``waiting``), stages named as in their module docstrings, "upload" the one that waits for training."""
+
+    _round: Any = None
+
+    def _r(self) -> Any:
+        assert self._round is not None, "no round is open"
+        return self._round
+
+    @property
+    def stage(self) -> str:
+        return self._round.stage if self._round is not None else "idle"
+
+    @property
+    def training(self) -> bool:
+        return self.stage == "upload"
+
+    @property
+    def sum_fixed(self) -> bool:
+        return self.stage in ("consistency", "unmask", "done")
+
+    def waiting_for(self) -> set[str]:
+        return set(self._r().waiting)
+
+    def complete(self) -> bool:
+        return self._round is not None and self._round.stage == "done"
+
+    def train_fields(self, node: str) -> dict[str, Any]:
+        return {"weight": self._r().start.weight(node)}
+
+    def _need(self, stage: str, remaining: list[str], threshold: int) -> None:
+        """Fail the round when fewer than ``threshold`` nodes remain at ``stage``."""
+        if len(remaining) < threshold:
+            rnd = self._r()
+            count = len(rnd.roster) if rnd.roster else len(rnd.start.nodes)
+            raise TooFewNodes(rnd.start.number, stage, sorted(remaining), threshold,
+                              threshold_rule(count, rnd.start.min_nodes))
 
 
 class Wrapper(Aggregator):

@@ -19,19 +19,20 @@ bytes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import ssl
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 from urllib.parse import urlparse
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from mpc.errors import ConfigError
+from mpc.errors import ConfigError, PeerFailure
 from mpc.net.auth import Identity, fingerprint
-from mpc.net.channel import Channel, ChannelOptions
+from mpc.net.channel import Channel, ChannelOptions, connect
 from mpc.net.tls import client_context
 from mpc.net.wire import Limits
 
@@ -49,6 +50,8 @@ __all__ = [
     "options_for",
     "hub_uri",
     "client_tls",
+    "Backoff",
+    "stay_connected",
     "port_file_writer",
     "send",
     "recv",
@@ -124,6 +127,52 @@ def client_tls(uri: str, ca_file: str | None) -> ssl.SSLContext | None:
     if ca_file:
         return client_context(ca_file)
     return ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+
+
+class Backoff:
+    """Delays between attempts: ``first`` doubling up to ``cap`` seconds; :meth:`reset` after a success."""
+
+    def __init__(self, first: float = 0.5, cap: float = 30.0):
+        self.first, self.cap = first, cap
+        self.delay = first
+
+    def next(self) -> float:
+        delay, self.delay = self.delay, min(self.delay * 2, self.cap)
+        return delay
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+
+async def stay_connected(hub: str, identity: Identity, serve: Callable[[Channel], Awaitable[str | None]], *,
+                         tls: ssl.SSLContext | None, limits: Limits, backoff: Backoff, once: bool) -> str:
+    """Dial the hub, serve the connection, and dial again after it ends — while the hub is down, after a fault,
+    and (unless ``once``) after a run ends — backing off between attempts; returns why the run ended.
+
+    ``serve(channel)`` returns why the run ended (the hub said goodbye or failed it), or None when the
+    connection was lost.
+
+    Raises:
+        AuthenticationError: the hub is not the pinned one, or refused this side (a configuration to fix, not a
+            fault to wait out).
+    """
+    while True:
+        try:
+            channel = await connect(hub, membership=identity, peer_id=HUB_ID, peer_label=f"the hub at {hub}",
+                                    limits=limits, options=options_for(connect_timeout_s=backoff.cap), ssl=tls)
+        except PeerFailure as exc:
+            delay = backoff.next()
+            log.info("the hub is not reachable (%s); trying again in %.1f s", exc.reason, delay)
+            await asyncio.sleep(delay)
+            continue
+        backoff.reset()
+        log.info("connected to the hub (run %s)", channel.context or "?")
+        ended = await serve(channel)
+        if ended is not None and once:
+            return ended
+        delay = backoff.next()
+        log.info("dialing the hub again in %.1f s", delay)
+        await asyncio.sleep(delay)
 
 
 def port_file_writer(port_file: str | os.PathLike | None) -> Callable[[int], None]:

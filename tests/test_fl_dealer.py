@@ -8,12 +8,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fl.config import parse_config
-from fl.dealer import Close, Compute, DealerSession, Reply
+from fl.dealer import Close, DealerSession, Reply
 from fl.dealer_masking import DealerAggregator, Kind
 from fl.errors import RoundFailed
-from fl.hub_protocol import DEALER_LINK, Dropped
+from fl.hub_protocol import DEALER_LINK
 from fl.identity import sign_statement
-from fl.masks import prg_mask, x25519_public
+from fl.masks import x25519_public
 from fl.messages import PROTOCOL_VERSION, Message
 from fl.messages import Kind as Common
 from mpc.errors import ConfigError, ProtocolError

@@ -22,7 +22,6 @@ from fl.demo import start_hub, wait_for_hub
 from fl.errors import RoundFailed
 from fl.hub import Hub
 from fl.identity import fingerprint, load_public_key
-from mpc.net.auth import AUTH_VERSION
 
 from .fl_helpers import (
     ROOT,

@@ -247,7 +247,6 @@ def test_malicious_hub_swaps_two_nodes_round_keys(rng):
 
 def test_malicious_hub_substitutes_its_own_key_for_a_node(rng):
     """The hub replaces c's mask key with one it made (signed by a key it holds, not c's)."""
-    from fl.pairwise import _key_statement
     from fl.masks import x25519_public
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
