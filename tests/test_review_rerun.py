@@ -59,7 +59,7 @@ def _round(fed, number, weights, *, evaluate=False):
     ({"secure": True, "neighbours": 2}, "run-1"),
     # the dealer answers a (run, round) once, but the run id is the hub's word: a "new run" trains round 1 again
     ({"secure": True, "masking": "dealer"}, "run-2"),
-])
+], ids=["pairwise", "neighbours-2", "dealer-new-run-id"])
 def test_malicious_hub_reruns_a_round_after_reconnecting_and_differences_the_sums(data, masking, second_run):
     cfg = make_config(list(NAMES), aggregation=masking)
     model = build_model("simple_cnn", num_classes=10, in_channels=1, input_size=8, width=4, seed=cfg.run.seed)
