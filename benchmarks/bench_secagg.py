@@ -275,10 +275,11 @@ class _TimedRound:
         self.dealer_cpu = 0.0
         if masking == "dealer":
             from fl.dealer import DealerSession
+            from fl.transport import run_token
             from fl.dealer_masking import DealerAggregator, DealerMasker
 
             base: Any = DealerAggregator(frac_bits=16, ring_bits=32, directory=directory, dealer_key=dealer_pub)
-            self.dealer = DealerSession(run_id="bench", key=load_private_key(keys / "dealer.key", what="d"),
+            self.dealer = DealerSession(run_token=run_token("bench"), key=load_private_key(keys / "dealer.key", what="d"),
                                         directory=directory)
         else:
             from fl.pairwise import PairwiseAggregator, PairwiseMasker

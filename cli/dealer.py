@@ -41,14 +41,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from fl.config import RESERVED_NAMES
     from fl.identity import Directory
-    from fl.transport import DEALER_ID
+    from fl.transport import DEALER_ID, HUB_ID
 
     identity, uri, tls = member_setup(args, DEALER_ID)
     folder = Path(args.node_keys) if args.node_keys else Path(args.hub_key).parent
-    found = Directory.from_folder(folder, what="--node-keys")
-    directory = Directory({n: k for n, k in found.keys.items() if n not in RESERVED_NAMES}, found.source)
+    directory = Directory.from_folder(folder, what="--node-keys").nodes(
+        not_keys=[identity.peers[HUB_ID], identity.public_key])
     from fl.dealer import run_dealer
 
     logging.getLogger("primia").setLevel(logging.INFO)

@@ -40,6 +40,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dealer-key", metavar="FILE",
                    help="the dealer's public key, for aggregation.masking = 'dealer' (default: dealer.pub beside "
                         "--hub-key, if there is one)")
+    p.add_argument("--allow-plain-aggregation", action="store_true",
+                   help="take part in runs without secure aggregation (the hub then sees this node's update in the "
+                        "clear); by default such a run is refused")
+    p.add_argument("--min-nodes", type=int, default=2, metavar="N",
+                   help="never let this node's update be summed with fewer than N nodes in all (default 2; the hub's "
+                        "min_nodes can only raise it)")
     p.add_argument("--device", default="cpu", help="torch device for training (cpu, cuda, cuda:1, ...)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--strict", action="store_true", help="treat mixed image sizes or channels as errors")
@@ -98,11 +104,16 @@ def main(args: argparse.Namespace) -> int:
     if not name:
         raise ConfigError("--name: give this node's name (as in the hub's federation.nodes)")
     identity, uri, tls = member_setup(args, name)
+    if args.min_nodes < 2:
+        raise ConfigError(f"--min-nodes: {args.min_nodes} must be at least 2 (a sum of one update is that update)")
     keys_dir = Path(args.peer_keys) if args.peer_keys else Path(args.hub_key).parent
-    directory = Directory.from_folder(keys_dir, what="--peer-keys") if keys_dir.is_dir() else None
     dealer_path = Path(args.dealer_key) if args.dealer_key else keys_dir / "dealer.pub"
     dealer_key = load_public_key(dealer_path, what="--dealer-key") if args.dealer_key or dealer_path.is_file() \
         else None
+    # only the federation's nodes: neither the hub nor the dealer may pose as a member
+    directory = Directory.from_folder(keys_dir, what="--peer-keys").nodes(
+        not_keys=[identity.peers["hub"], *([dealer_key] if dealer_key is not None else [])]) \
+        if keys_dir.is_dir() else None
     import torch
 
     if args.threads:
@@ -113,7 +124,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         ended = run_node(args.data, hub=uri, identity=identity, directory=directory, dealer_key=dealer_key, name=name,
                          tls=tls, device=args.device, strict=args.strict, max_message_mib=args.max_message_mib,
-                         once=args.once, reconnect_max_s=args.reconnect_max_s)
+                         once=args.once, reconnect_max_s=args.reconnect_max_s,
+                         allow_plain=args.allow_plain_aggregation, min_nodes=args.min_nodes)
     except KeyboardInterrupt:
         print("primia node: stopped", file=sys.stderr)
         return 0

@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping
 from mpc.errors import ConfigError
 
 from .augment import build_augmentations
-from .identity import NAME_CHARS, check_name, fingerprint_text, load_private_key, load_public_key
+from .identity import NAME_CHARS, RESERVED_NAMES, check_name, fingerprint_text, load_private_key, load_public_key
 from .models import SIMPLE_CNN, check_model_name
 
 __all__ = [
@@ -462,8 +462,6 @@ def _parse_section(name: str, cls: type, table: Any, *, prefix: str | None = Non
     return cls(**values)
 
 
-#: names no node may take: the hub's and the dealer's identities
-RESERVED_NAMES = ("hub", "dealer")
 _LOOPBACK_NAMES = ("localhost",)
 
 

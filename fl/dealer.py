@@ -39,7 +39,7 @@ from .dealer_masking import DealerRound, Kind
 from .identity import Directory, sign_statement
 from .messages import PROTOCOL_VERSION, Message, check
 from .messages import Kind as Common
-from .transport import Backoff, limits_for, recv, send, stay_connected
+from .transport import Backoff, limits_for, recv, run_token, send, stay_connected
 
 __all__ = ["DealerSession", "DealerClient", "run_dealer"]
 
@@ -80,9 +80,10 @@ class DealerSession:
     :class:`mpc.errors.ProtocolError`.
     """
 
-    def __init__(self, *, run_id: str, key: Ed25519PrivateKey, directory: Directory, peer: str = "hub",
+    def __init__(self, *, run_token: str | None, key: Ed25519PrivateKey, directory: Directory, peer: str = "hub",
                  max_message_bytes: int = 1 << 30, answered: dict[tuple[str, int], list[str]] | None = None):
-        self.run_id = run_id
+        self.run_token = run_token
+        self.run_id: str | None = None
         self.key = key
         self.directory = directory
         self.peer = peer
@@ -106,12 +107,17 @@ class DealerSession:
         return handler(msg)
 
     def _on_keys(self, msg: Message) -> list[Action]:
-        check(msg, self.peer, Kind.DEALER_KEYS,
-              {"protocol": int, "round": int, "context": bytes, "size": int, "ring_bits": int, "min_nodes": int})
+        check(msg, self.peer, Kind.DEALER_KEYS, {"protocol": int, "run_id": str, "round": int, "context": bytes,
+                                                 "size": int, "ring_bits": int, "min_nodes": int})
         h = msg.header
         if h["protocol"] != PROTOCOL_VERSION:
             raise ProtocolError(self.peer, f"speaks protocol {h['protocol']}, this dealer {PROTOCOL_VERSION}; "
                                            "run the same primia version on the hub and the dealer")
+        if self.run_id is None and self.run_token is not None and run_token(h["run_id"]) != self.run_token:
+            raise ProtocolError(self.peer, f"names run {h['run_id']!r:.80}, but its handshake was for another run")
+        if self.run_id is not None and h["run_id"] != self.run_id:
+            raise ProtocolError(self.peer, f"names run {h['run_id']!r:.80} after run {self.run_id!r:.80}")
+        self.run_id = h["run_id"]
         if (self.run_id, h["round"]) in self.answered:
             raise ProtocolError(self.peer, f"asks again for round {h['round']} of run {self.run_id}, which this "
                                            "dealer has answered already: a second sum could expose an update")
@@ -146,6 +152,7 @@ class DealerSession:
         included, dropped, signatures, number = list(h["included"]), list(h["dropped"]), h["signatures"], state.round
         state.check_unmask(included, dropped, signatures)  # refused here, before anything is computed
         self.round = None  # one answer per round
+        assert self.run_id is not None
         self.answered[(self.run_id, number)] = sorted(included)
         log.info("round %d: mask sum over %d nodes (%d dropped), %d signatures", number, len(included), len(dropped),
                  len(signatures))
@@ -181,7 +188,7 @@ class DealerClient:
             self.worker.shutdown(wait=False, cancel_futures=True)
 
     async def _serve(self, channel: Channel) -> str | None:
-        session = DealerSession(run_id=channel.context, key=self.identity.private_key, directory=self.directory,
+        session = DealerSession(run_token=channel.context, key=self.identity.private_key, directory=self.directory,
                                 peer=channel.peer_label, max_message_bytes=self.limits.max_message_bytes,
                                 answered=self.answered)
         loop = asyncio.get_running_loop()

@@ -44,7 +44,7 @@ from mpc.errors import ProtocolError
 
 from .errors import RoundFailed
 from .identity import SIGNATURE_BYTES, Directory, digest, verify_statement
-from .masks import RING_DTYPES, X25519_BYTES, agree_seed, apply_masks, encode_add, x25519_public
+from .masks import RING_DTYPES, X25519_BYTES, agree_seed, apply_masks, encode_add, valid_x25519, x25519_public
 from .messages import PROTOCOL_VERSION, Message, check, check_map
 from .strategy import DEALER_LINK, Masker, NodeContext, RoundStart, RoundSum, SendTo, StagedAggregator, majority
 
@@ -153,8 +153,9 @@ class DealerAggregator(StagedAggregator):
 
     def open_round(self, start: RoundStart) -> list[SendTo]:
         self._round = _HubRound(start, waiting={*start.nodes, DEALER_LINK}, alive={*start.nodes, DEALER_LINK})
-        to_dealer = {"protocol": PROTOCOL_VERSION, "round": start.number, "context": start.context,
-                     "size": start.size, "ring_bits": self.ring_bits, "min_nodes": start.min_nodes}
+        to_dealer = {"protocol": PROTOCOL_VERSION, "run_id": start.run_id, "round": start.number,
+                     "context": start.context, "size": start.size, "ring_bits": self.ring_bits,
+                     "min_nodes": start.min_nodes}
         to_nodes = {"round": start.number, "context": start.context, "min_nodes": start.min_nodes}
         return [SendTo(DEALER_LINK, Message(Kind.DEALER_KEYS, to_dealer))] + [
             SendTo(n, Message(Kind.KEYS, to_nodes)) for n in start.nodes]
@@ -190,7 +191,7 @@ class DealerAggregator(StagedAggregator):
             rnd = self._expect(DEALER_LINK, msg, "keys")
             check(msg, "the dealer", Kind.DEALER_KEY, {"round": int, "key": bytes, "signature": bytes})
             key, signature = msg.header["key"], msg.header["signature"]
-            if len(key) != X25519_BYTES or not verify_statement(
+            if not valid_x25519(key) or not verify_statement(
                     self.dealer_key, signature, *_dealer_statement(start.run_id, start.number, start.context, key)):
                 raise ProtocolError("the dealer", "its round key is not signed with the dealer key in the config")
             rnd.dealer = {"key": key, "signature": signature}
@@ -213,6 +214,8 @@ class DealerAggregator(StagedAggregator):
         if not verify_statement(self.directory.get(peer), entry["signature"],
                                 *_key_statement(start.run_id, start.number, start.context, peer, entry["mask_key"])):
             raise ProtocolError(peer, "the signature on its round key does not verify with its configured key")
+        if not valid_x25519(entry["mask_key"]):
+            raise ProtocolError(peer, "sent a round key no agreement can use (a low-order X25519 point)")
         rnd.keys[peer] = entry
         rnd.waiting.discard(peer)
         return self._advance()
@@ -261,9 +264,9 @@ class DealerAggregator(StagedAggregator):
         start = rnd.start
         if rnd.stage == "keys":
             rnd.roster = sorted(rnd.keys)
-            self._need("keys", rnd.roster, max(2, start.min_nodes))
             assert rnd.dealer is not None
-            rnd.threshold = majority(len(rnd.roster), start.min_nodes)
+            rnd.threshold = majority(max(len(self.directory.keys), len(rnd.roster)), start.min_nodes)
+            self._need("keys", rnd.roster, rnd.threshold)
             rnd.digest = _roster_digest(start.run_id, start.number, start.context,
                                         {n: rnd.keys[n]["mask_key"] for n in rnd.roster}, rnd.dealer["key"])
             rnd.stage, rnd.waiting = "upload", set(rnd.roster) & rnd.alive
@@ -389,9 +392,10 @@ class DealerMasker(Masker):
         if keys[self.ctx.name]["mask_key"] != x25519_public(rnd.secret):
             raise ProtocolError("hub", "the roster does not hold this node's round key")
         rnd.roster = sorted(keys)
-        if len(rnd.roster) < max(2, rnd.min_nodes):
-            raise ProtocolError("hub", f"a roster of {len(rnd.roster)} node(s), below min_nodes {rnd.min_nodes}")
-        rnd.threshold = majority(len(rnd.roster), rnd.min_nodes)
+        rnd.threshold = self.ctx.threshold(len(rnd.roster), rnd.min_nodes)
+        if len(rnd.roster) < rnd.threshold:
+            raise ProtocolError("hub", f"a roster of {len(rnd.roster)} node(s), below this node's threshold "
+                                       f"{rnd.threshold} (a majority of the federation, and min_nodes)")
         rnd.digest = _roster_digest(run_id, number, rnd.context, {n: keys[n]["mask_key"] for n in rnd.roster},
                                     dealer["key"])
         try:
@@ -433,7 +437,8 @@ class DealerMasker(Masker):
         if len(survivors) < rnd.threshold:
             raise ProtocolError("hub", f"refusing the survivor set: {len(survivors)} node(s), below the threshold "
                                        f"{rnd.threshold}; the sum would expose too few updates")
-        rnd.stage = "done"  # once per round
+        self.ctx.claim(rnd.number)  # the dealer answers only with these signatures: never twice per round of a run
+        rnd.stage = "done"
         signature = self.ctx.sign(*_survivor_statement(self.ctx.run_id, rnd.number, rnd.digest, survivors))
         return [Message(Kind.SIGNATURE, {"round": rnd.number, "signature": signature})]
 
@@ -491,9 +496,10 @@ class DealerRound:
         self._expect("keys")
         checked = _check_signed_roster("hub", keys, self.run_id, self.round, self.context, self.directory,
                                        "this dealer")
-        if len(checked) < max(2, self.min_nodes):
-            raise ProtocolError("hub", f"a roster of {len(checked)} node(s): a sum needs at least "
-                                       f"{max(2, self.min_nodes)}")
+        threshold = majority(max(len(self.directory.keys), len(checked)), self.min_nodes)
+        if len(checked) < threshold:
+            raise ProtocolError("hub", f"a roster of {len(checked)} node(s): a sum needs at least {threshold} (a "
+                                       "majority of the federation's nodes, and min_nodes)")
         seeds = {}
         for name, key in checked.items():
             try:
@@ -501,7 +507,7 @@ class DealerRound:
             except ValueError as exc:
                 raise ProtocolError("hub", f"the round key of {name!r} is invalid: {exc}") from exc
         self.roster = sorted(checked)
-        self.threshold = majority(len(self.roster), self.min_nodes)
+        self.threshold = threshold
         self.digest = _roster_digest(self.run_id, self.round, self.context, checked, self.public_key())
         self._seeds = seeds
         self.stage = "masked"

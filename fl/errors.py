@@ -3,7 +3,8 @@
     PrimiaError
     ├── ConfigError
     │   ├── DataFolderError    a node's image folder has problems (each one named)
-    │   └── ResumeError        a checkpoint cannot continue this configuration
+    │   ├── ResumeError        a checkpoint cannot continue this configuration
+    │   └── RunRefused         a node refuses the run the hub asks for (its own policy)
     ├── ProtocolError
     │   └── InconsistentUpdate a node's update does not fit the agreed model layout
     ├── PeerFailure
@@ -24,6 +25,7 @@ __all__ = [
     "DataProblem",
     "DataFolderError",
     "ResumeError",
+    "RunRefused",
     "InconsistentUpdate",
     "NodeDropped",
     "RoundFailed",
@@ -63,6 +65,10 @@ class DataFolderError(ConfigError):
 
 class ResumeError(ConfigError):
     """``--resume`` was asked for but the checkpoint does not fit the configuration."""
+
+
+class RunRefused(ConfigError):
+    """The node's own policy refuses the run the hub configured (e.g. updates in the clear)."""
 
 
 class InconsistentUpdate(ProtocolError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-__all__ = ["mask_graph", "components", "holders"]
+__all__ = ["mask_graph", "components", "holders", "exposed"]
 
 
 def mask_graph(names: Sequence[str], neighbours: int) -> dict[str, frozenset[str]]:
@@ -66,3 +66,13 @@ def components(graph: Mapping[str, frozenset[str]], nodes: Sequence[str]) -> lis
 def holders(graph: Mapping[str, frozenset[str]], node: str) -> list[str]:
     """The holders of ``node``'s Shamir shares: its partners and itself, sorted."""
     return sorted(graph[node] | {node})
+
+
+def exposed(graph: Mapping[str, frozenset[str]], survivors: Sequence[str]) -> list[str]:
+    """The survivors that would keep a single mask partner among ``survivors``: that one partner, colluding with
+    the hub, would open their update (the other partners' masks come off: their self masks as survivors', or
+    their mask keys as dropped nodes').  Empty for a sum of two (any aggregate of two tells each its partner's)."""
+    if len(survivors) < 3:
+        return []
+    inside = set(survivors)
+    return sorted(u for u in survivors if len(graph[u] & inside) < 2)

@@ -69,7 +69,7 @@ from .models import Layout, build_model
 from .report import roc_curves, write_report
 from .strategy import build_aggregator
 from .training import round_lr
-from .transport import DEALER_ID, hub_identity, limits_for, options_for, port_file_writer, recv, send
+from .transport import DEALER_ID, hub_identity, limits_for, options_for, port_file_writer, recv, run_token, send
 
 __all__ = ["Observer", "Hub", "run_hub", "CHECKPOINT_NAME", "MODEL_NAME"]
 
@@ -132,6 +132,7 @@ class Hub:
         self.rejections: list[str] = []
         #: nodes lost during the run and not back yet; the next round waits briefly for each (a restart)
         self._away: set[str] = set()
+        self._round_started = 0.0
         self._closing: set[asyncio.Task] = set()
         self._server: Any = None
 
@@ -177,12 +178,17 @@ class Hub:
             last_eval: Evaluated | None = None
             bar = self._progress_bar(start)
             for number in range(start, cfg.run.rounds + 1):
-                record, weights, evaluated = await self._round(number, weights, classes)
+                record, weights = await self._round(number, weights)
                 nodes.update(self._node_records(record["included"]))
-                last_eval = evaluated or last_eval
                 layout.load(model, weights)
                 history.append(record)
+                # The round counts from here: its model is saved before any node receives it, so a hub restarted
+                # from now on never runs this round again (its sum was opened; a second one could expose an update).
                 self._checkpoint(run_id, number, model, aggregator.state(), classes, channels, nodes, history)
+                evaluated = await self._evaluate(number, weights, record, classes)
+                if evaluated is not None:
+                    last_eval = evaluated
+                    self._checkpoint(run_id, number, model, aggregator.state(), classes, channels, nodes, history)
                 self.observer("round", record)
                 # a line per round, unless a progress bar shows the same (the line would break the bar)
                 _log_round(record, cfg.run.rounds, logging.DEBUG if bar is not None else logging.INFO)
@@ -209,8 +215,8 @@ class Hub:
             return f"the completed rounds are in {checkpoint}: run the same command with --resume to go on"
         return "no round had completed, so nothing is saved: run the same command again"
 
-    async def _round(self, number: int, weights: np.ndarray,
-                     classes: list[str]) -> tuple[dict[str, Any], np.ndarray, Evaluated | None]:
+    async def _round(self, number: int, weights: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+        """One round: training and aggregation; returns its record and the new global weights."""
         cfg, protocol = self.cfg, self.protocol
         assert protocol is not None
         await self._wait_for_round(number)
@@ -219,13 +225,7 @@ class Hub:
         lr = round_lr(cfg.training, number - 1, cfg.run.rounds)
         await self._until(protocol.begin_round(number, weights, lr, _now()), RoundCollected)
         result: RoundResult = await asyncio.to_thread(protocol.aggregate)
-        weights = result.model
-        t_train = time.perf_counter() - t0
         bytes_trained = self.traffic.snapshot()
-        evaluated = None
-        every = cfg.run.evaluate_every
-        if every and (number % every == 0 or number == cfg.run.rounds):
-            evaluated = await self._until(protocol.begin_evaluation(number, weights, _now()), Evaluated)
         record: dict[str, Any] = {
             "round": number,
             "lr": lr,
@@ -233,20 +233,32 @@ class Hub:
             "dropped": result.dropped,
             "weights": result.weights,
             "train": result.figures,
-            "seconds": {"train_and_aggregate": t_train, "total": time.perf_counter() - t0},
+            "seconds": {"train_and_aggregate": time.perf_counter() - t0},
             "bytes": _traffic(bytes_before, bytes_trained, result.weights),
-            "eval_bytes": _traffic(bytes_trained, self.traffic.snapshot(), result.weights),
         }
         if DEALER_LINK in bytes_trained:
             before = bytes_before.get(DEALER_LINK, (0, 0))
             record["dealer_bytes"] = {"to_dealer": bytes_trained[DEALER_LINK][0] - before[0],
                                       "from_dealer": bytes_trained[DEALER_LINK][1] - before[1]}
-        if evaluated is not None:
+        self._round_started = t0
+        return record, result.model
+
+    async def _evaluate(self, number: int, weights: np.ndarray, record: dict[str, Any],
+                        classes: list[str]) -> Evaluated | None:
+        """The round's evaluation, if one is due; adds its metrics and timing to ``record``."""
+        protocol, every = self.protocol, self.cfg.run.evaluate_every
+        assert protocol is not None
+        before = self.traffic.snapshot()
+        evaluated = None
+        if every and (number % every == 0 or number == self.cfg.run.rounds):
+            evaluated = await self._until(protocol.begin_evaluation(number, weights, _now()), Evaluated)
             record["eval"] = {
                 "pooled": compute_metrics(pool(list(evaluated.summaries.values())), classes),
                 "nodes": {n: compute_metrics(s, classes) for n, s in evaluated.summaries.items()},
             }
-        return record, weights, evaluated
+        record["eval_bytes"] = _traffic(before, self.traffic.snapshot(), record["weights"])
+        record["seconds"]["total"] = time.perf_counter() - self._round_started
+        return evaluated
 
     # -- set-up -------------------------------------------------------------------------
 
@@ -304,7 +316,7 @@ class Hub:
                               max_unauthenticated=fed.max_unauthenticated)
         try:
             self._server = await serve(
-                self._serve_peer, host, port, membership=identity, context=run_id,
+                self._serve_peer, host, port, membership=identity, context=run_token(run_id),
                 accept=lambda peer: None, on_reject=self._rejected,
                 label=lambda peer, address: f"{'the dealer' if peer == DEALER_ID else f'node {peer}'} (from {address})",
                 limits=limits_for(fed.max_message_mib), options=options, ssl=tls,

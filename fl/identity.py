@@ -48,10 +48,13 @@ __all__ = [
     "verify_statement",
     "check_name",
     "NAME_CHARS",
+    "RESERVED_NAMES",
 ]
 
 log = logging.getLogger("primia.identity")
 
+#: names no node may take: the hub's and the dealer's identities
+RESERVED_NAMES = ("hub", "dealer")
 KEY_SUFFIX = ".key"
 PUB_SUFFIX = ".pub"
 SIGNATURE_BYTES = 64
@@ -181,6 +184,13 @@ class Directory:
             if set(name) <= NAME_CHARS and name:
                 keys[name] = load_public_key(path, what=what)
         return cls(keys, str(folder))
+
+    def nodes(self, *, not_keys: Iterable[Ed25519PublicKey] = ()) -> "Directory":
+        """Only the federation's nodes: without the reserved names (``hub``, ``dealer``) and without any key that
+        is one of ``not_keys`` (the pinned hub and dealer keys), so that neither can pose as a member."""
+        banned = {fingerprint(k) for k in not_keys}
+        keys = {n: k for n, k in self.keys.items() if n not in RESERVED_NAMES and fingerprint(k) not in banned}
+        return Directory(keys, self.source)
 
     def get(self, name: str) -> Ed25519PublicKey | None:
         return self.keys.get(name)

@@ -41,6 +41,7 @@ __all__ = [
     "prg_mask",
     "apply_masks",
     "agree_seed",
+    "valid_x25519",
     "x25519_public",
     "x25519_from_seed",
 ]
@@ -216,6 +217,17 @@ def x25519_from_seed(seed: bytes) -> X25519PrivateKey:
     """An X25519 key that a 16-byte seed determines (so that sharing the seed shares the key)."""
     raw = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"primia/secagg/mask-key/v1").derive(seed)
     return X25519PrivateKey.from_private_bytes(raw)
+
+
+def valid_x25519(public: bytes) -> bool:
+    """Whether ``public`` is an X25519 key an agreement can use (not a low-order point, whose shared secret is 0)."""
+    if not isinstance(public, bytes) or len(public) != X25519_BYTES:
+        return False
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError:
+        return False
+    return True
 
 
 def agree_seed(secret: X25519PrivateKey, peer_public: bytes, purpose: bytes, *labels: bytes) -> bytes:

@@ -33,6 +33,7 @@ from mpc.errors import FrameError, PeerFailure
 from mpc.net.channel import Channel
 
 from .data import scan_folder
+from .errors import RunRefused
 from .node_protocol import MASK_LANE, TRAIN_LANE, Close, NodeRuntime, NodeSession, Send, Work
 from .transport import Backoff, limits_for, recv, send, stay_connected
 
@@ -113,7 +114,7 @@ class NodeClient:
     async def _serve(self, channel: Channel) -> str | None:
         """One hub connection; returns why the run ended (goodbye or the hub's error), or None if the
         connection was lost."""
-        session = NodeSession(self.runtime, peer=channel.peer_label, run_id=channel.context or None)
+        session = NodeSession(self.runtime, peer=channel.peer_label, run_token=channel.context or None)
         events: asyncio.Queue[tuple[str, Any, Any]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -169,6 +170,8 @@ class NodeClient:
                     elif isinstance(action, Close):
                         log.info("closing the hub connection: %s", action.reason)
                         await channel.close(action.reason[:100])
+                        if action.final:
+                            raise RunRefused(action.reason)
                         return action.reason if _ends_run(action.reason) else None
         finally:
             reader.cancel()
@@ -193,12 +196,15 @@ def run_node(
     max_message_mib: int = 1024,
     once: bool = False,
     reconnect_max_s: float = 30.0,
+    allow_plain: bool = False,
+    min_nodes: int = 2,
 ) -> str:
     """Check ``data_dir`` and serve it to the hub until stopped, or until the run ends with ``once`` (blocking).
 
     Raises:
         DataFolderError: the folder has errors (each one named).
         AuthenticationError: the hub is not the pinned one, or refused this node.
+        RunRefused: the hub asked for a run this node's policy refuses (updates in the clear).
     """
     name = name or default_node_name(data_dir)
     share_the_gil()
@@ -209,7 +215,7 @@ def run_node(
 
     key = identity.private_key
     runtime = NodeRuntime(scan, name=name, device=device, sign=lambda *fields: sign_statement(key, *fields),
-                          directory=directory, dealer_key=dealer_key)
+                          directory=directory, dealer_key=dealer_key, allow_plain=allow_plain, min_nodes=min_nodes)
     client = NodeClient(runtime, identity=identity, hub=hub, tls=tls, max_message_mib=max_message_mib, once=once,
                         reconnect_max_s=reconnect_max_s)
     return asyncio.run(client.run())

@@ -53,6 +53,7 @@ from .data import FolderScan, load_images, split_indices
 from .messages import PROTOCOL_VERSION, Kind, Message, check
 from .models import build_model
 from .strategy import Masker, NodeContext, build_masker
+from .transport import run_token
 from .training import LocalTrainer, TrainResult
 
 __all__ = ["NodeState", "Send", "Work", "Close", "NodeRuntime", "NodeSession", "TRAIN_LANE", "MASK_LANE"]
@@ -94,7 +95,10 @@ class Work:
 
 @dataclass(frozen=True)
 class Close:
+    """Close the connection; ``final``: the node refuses this run (its own policy), so it stops dialing it."""
+
     reason: str
+    final: bool = False
 
 
 Action = Send | Work | Close
@@ -104,18 +108,36 @@ class NodeRuntime:
     """State that outlives a hub connection: the data and the current run's trainer."""
 
     def __init__(self, scan: FolderScan, *, name: str | None = None, device: str = "cpu",
-                 sign: Callable[..., bytes] | None = None, directory: Any = None, dealer_key: Any = None):
+                 sign: Callable[..., bytes] | None = None, directory: Any = None, dealer_key: Any = None,
+                 allow_plain: bool = False, min_nodes: int = 2):
         self.scan = scan
         self.name = name
         self.device = device
         #: signs this node's statements with its long-term key (None: a node that cannot do secure rounds)
         self.sign = sign
-        #: the other nodes' public keys (pairwise masking), and the pinned dealer key (dealer masking)
+        #: the federation's nodes' public keys (pairwise masking), and the pinned dealer key (dealer masking)
         self.directory = directory
         self.dealer_key = dealer_key
+        #: the node's own policy: whether it sends updates in the clear, and its floor on the nodes in a sum
+        self.allow_plain = allow_plain
+        self.min_nodes = min_nodes
+        #: the rounds whose sum this node helped open, as (run id, round): never twice (see claim)
+        self._opened: set[tuple[str, int]] = set()
         self._images: dict[tuple[int, int], np.ndarray] = {}
         self._trainer_key: tuple[Any, ...] | None = None
         self.trainer: LocalTrainer | None = None
+
+    def claim(self, run_id: str, number: int) -> None:
+        """Record that this node helps open round ``number``'s sum (for as long as the node process lives).
+
+        Raises:
+            ProtocolError: it already did for that round of that run: a hub that runs a round again (after a
+                reconnection, or a resume after the sum was opened) would get two sums of the same updates.
+        """
+        if (run_id, number) in self._opened:
+            raise ProtocolError("hub", f"round {number} of run {run_id} was summed already (this node helped open its "
+                                       "sum): a second sum of the same updates could expose one; start a new run")
+        self._opened.add((run_id, number))
 
     def images(self, input_size: int, channels: int) -> np.ndarray:
         key = (input_size, channels)
@@ -164,16 +186,17 @@ class NodeSession:
     Args:
         runtime: the node's data, identity and trainer.
         peer: how the hub is named in errors.
-        run_id: the run the hub authenticated with (the connection's context); a hello for another run is refused.
+        run_token: what the hub's handshake said of its run (:func:`fl.transport.run_token`); a hello naming a run
+            that does not hash to it is refused.
     """
 
-    def __init__(self, runtime: NodeRuntime, peer: str = "hub", run_id: str | None = None):
+    def __init__(self, runtime: NodeRuntime, peer: str = "hub", run_token: str | None = None):
         self.runtime = runtime
         self.peer = peer
         self.state = NodeState.HELLO
         self.node = runtime.name or ""
-        self.run_id = run_id or ""
-        self._expected_run = run_id
+        self.run_id = ""
+        self._run_token = run_token
         self.cfg: Config | None = None
         self.trainer: LocalTrainer | None = None
         self.masker: Masker | None = None
@@ -269,8 +292,8 @@ class NodeSession:
         if self.runtime.name and h["node"] != self.runtime.name:
             raise ProtocolError(self.peer, f"calls this node {h['node']!r}, but it was started as {self.runtime.name!r}; "
                                 "make federation.nodes[].name match the node's --name")
-        if self._expected_run is not None and h["run_id"] != self._expected_run:
-            raise ProtocolError(self.peer, f"says run {h['run_id']!r}, but authenticated for run {self._expected_run!r}")
+        if self._run_token is not None and run_token(h["run_id"]) != self._run_token:
+            raise ProtocolError(self.peer, f"says run {h['run_id']!r:.80}, but its handshake was for another run")
         self.node, self.run_id = h["node"], h["run_id"]
         self.state = NodeState.CONFIGURE
         scan = self.runtime.scan
@@ -297,15 +320,26 @@ class NodeSession:
             raise ProtocolError(self.peer, "configure: classes must be distinct strings")
         if h["channels"] not in (1, 3):
             raise ProtocolError(self.peer, f"configure: channels must be 1 or 3, got {h['channels']}")
+        if not cfg.aggregation.secure and not self.runtime.allow_plain:
+            reason = ("this node refuses the run: the hub asks for aggregation.secure = false, which would send this "
+                      "node's update in the clear; start the node with --allow-plain-aggregation if that is agreed")
+            log.error("%s", reason)
+            self.state = NodeState.CLOSED
+            return [Send(_error(reason)), Close(reason, final=True)]
         if cfg.aggregation.secure and self.runtime.sign is None:
             raise ProtocolError(self.peer, "this run uses secure aggregation, but this node has no signing key")
         self.cfg = cfg
         node, run_id = self.node, self.run_id
+        agg = cfg.aggregation
+        log.info("run %s: %s aggregation%s", run_id, "secure" if agg.secure else "PLAIN (updates in the clear)",
+                 (f", {agg.masking} masks" + (f", {agg.neighbours} neighbours" if agg.neighbours else "")
+                  if agg.secure else ""))
 
         def configured(trainer: LocalTrainer) -> list[Action]:
             self.trainer = trainer
             rt = self.runtime
-            context = NodeContext(node, run_id, rt.sign or _no_signing, rt.directory, rt.dealer_key)
+            context = NodeContext(node, run_id, rt.sign or _no_signing, rt.directory, rt.dealer_key,
+                                  min_nodes=rt.min_nodes, claim=self._claim)
             self.masker = build_masker(cfg.aggregation, context, size=trainer.layout.size)
             self.state = NodeState.READY
             header = {
@@ -319,6 +353,11 @@ class NodeSession:
         return [self._work(lambda: self.runtime.prepare(node, run_id, cfg, classes, h["channels"]), configured)]
 
     # -- a training round ----------------------------------------------------------------
+
+    def _claim(self, number: int) -> None:
+        if number != self._last_round:
+            raise ProtocolError(self.peer, f"asked to open round {number}, which this node did not just train")
+        self.runtime.claim(self.run_id, number)
 
     def _reset_round(self) -> None:
         self._round, self._trained, self._fields = None, None, {}

@@ -70,14 +70,15 @@ from mpc.prg import new_seed
 
 from . import shamir
 from .errors import RoundFailed
-from .graphs import components, holders, mask_graph
-from .identity import SIGNATURE_BYTES, Directory, digest, verify_statement
+from .graphs import components, exposed, holders, mask_graph
+from .identity import RESERVED_NAMES, SIGNATURE_BYTES, Directory, digest, verify_statement
 from .masks import (
     RING_DTYPES,
     X25519_BYTES,
     agree_seed,
     apply_masks,
     encode_add,
+    valid_x25519,
     x25519_from_seed,
     x25519_public,
 )
@@ -263,6 +264,8 @@ class PairwiseAggregator(StagedAggregator):
                                    entry["mask_key"])
         if not verify_statement(self.directory.get(peer), entry["signature"], *statement):
             raise ProtocolError(peer, "the signature on its round keys does not verify with its configured key")
+        if not (valid_x25519(entry["cipher_key"]) and valid_x25519(entry["mask_key"])):
+            raise ProtocolError(peer, "sent a round key no agreement can use (a low-order X25519 point)")
         rnd.keys[peer] = entry
         rnd.waiting.discard(peer)
         return self._advance()
@@ -270,9 +273,9 @@ class PairwiseAggregator(StagedAggregator):
     def _close_keys(self) -> list[SendTo]:
         rnd = self._r()
         rnd.roster = sorted(rnd.keys)
-        self._need("keys", rnd.roster, max(2, rnd.start.min_nodes))
+        rnd.threshold = majority(max(len(self.directory.keys), len(rnd.roster)), rnd.start.min_nodes)
+        self._need("keys", rnd.roster, rnd.threshold)
         rnd.graph = mask_graph(rnd.roster, self.neighbours)
-        rnd.threshold = majority(len(rnd.roster), rnd.start.min_nodes)
         rnd.digest = _roster_digest(rnd.start.run_id, rnd.start.number, rnd.start.context, rnd.keys)
         rnd.stage, rnd.waiting = "shares", set(rnd.roster) & rnd.alive
         header = {"round": rnd.start.number, "keys": {n: rnd.keys[n] for n in rnd.roster}}
@@ -336,6 +339,14 @@ class PairwiseAggregator(StagedAggregator):
                 f"the dropouts split the masking graph among the remaining nodes into {parts}; unmasking would "
                 f"reveal each part's sum (aggregation.neighbours = {self.neighbours} survives any "
                 f"{self.neighbours - 1} dropouts; raise it, or 0 pairs every node with every other)",
+            )
+        lonely = exposed(rnd.graph, rnd.survivors)
+        if lonely:
+            raise RoundFailed(
+                number, "upload",
+                f"{', '.join(lonely)} would keep a single mask partner among the survivors (its other partners "
+                f"dropped): that partner alone could open its update with the hub; aggregation.neighbours = "
+                f"{self.neighbours} cannot protect it after these dropouts (use 3 or more, or 0 for every pair)",
             )
         self._check_openable("upload")
         rnd.stage, rnd.waiting = "consistency", set(rnd.survivors) & rnd.alive
@@ -517,6 +528,8 @@ class PairwiseMasker(Masker):
         return self._round is not None and self._round.stage == "masking"
 
     def _statement_key(self, name: str) -> Any:
+        if name in RESERVED_NAMES:
+            raise ProtocolError("hub", f"the round includes a member named {name!r}, which is not a node's name")
         directory = self.ctx.directory
         key = directory.get(name) if directory is not None else None
         if key is None:
@@ -563,11 +576,12 @@ class PairwiseMasker(Masker):
                 raise ProtocolError("hub", f"the round keys of {name!r} are not signed by {name!r}: the hub relayed "
                                            "keys it made itself, or altered them")
         rnd.roster = sorted(keys)
-        if len(rnd.roster) < max(2, rnd.min_nodes):
-            raise ProtocolError("hub", f"a roster of {len(rnd.roster)} node(s), below min_nodes {rnd.min_nodes}")
+        rnd.threshold = self.ctx.threshold(len(rnd.roster), rnd.min_nodes)
+        if len(rnd.roster) < rnd.threshold:
+            raise ProtocolError("hub", f"a roster of {len(rnd.roster)} node(s), below this node's threshold "
+                                       f"{rnd.threshold} (a majority of the federation, and min_nodes)")
         rnd.keys = {n: {"cipher_key": keys[n]["cipher_key"], "mask_key": keys[n]["mask_key"]} for n in rnd.roster}
         rnd.graph = mask_graph(rnd.roster, self.neighbours)
-        rnd.threshold = majority(len(rnd.roster), rnd.min_nodes)
         rnd.digest = _roster_digest(self.ctx.run_id, rnd.number, rnd.context, rnd.keys)
         mine_holders = holders(rnd.graph, me)
         positions = _positions(rnd.roster)
@@ -663,8 +677,12 @@ class PairwiseMasker(Masker):
         parts = components(rnd.graph, survivors)
         if len(parts) > 1:
             raise ProtocolError("hub", f"refusing the survivor set: its masking graph falls apart into {parts}")
+        lonely = exposed(rnd.graph, survivors)
+        if lonely:
+            raise ProtocolError("hub", f"refusing the survivor set: {', '.join(lonely)} would keep a single mask "
+                                       "partner, who alone could open its update with the hub")
         rnd.survivors = sorted(survivors)
-        rnd.stage = "signed"  # never twice: a second set could expose an update
+        rnd.stage = "signed"  # one survivor set per round; the reveal below is once per round of a run
         signature = self.ctx.sign(*_survivor_statement(self.ctx.run_id, rnd.number, rnd.digest, rnd.survivors))
         return [Message(Kind.SIGNATURE, {"round": rnd.number, "signature": signature})], None
 
@@ -685,6 +703,7 @@ class PairwiseMasker(Masker):
         if len(signatures) < rnd.threshold:
             raise ProtocolError("hub", f"only {len(signatures)} node(s) signed the survivor set; {rnd.threshold} must "
                                        "agree before this node reveals anything")
+        self.ctx.claim(rnd.number)  # the point of no return: never for the same round of a run twice
         survivors = set(rnd.survivors)
         self_shares = {o: held[0] for o, held in rnd.held.items() if o in survivors}
         key_shares = {o: held[1] for o, held in rnd.held.items() if o not in survivors and o in rnd.sharers}

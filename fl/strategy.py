@@ -339,8 +339,14 @@ class NodeContext:
         name: the node's name.
         run_id: the run the hub said (bound into every statement).
         sign: signs a statement with the node's long-term key (:func:`fl.identity.sign_statement`).
-        directory: the public keys of the other nodes (pairwise masking checks their statements).
+        directory: the public keys of the federation's nodes (pairwise masking checks their statements against
+            them, and the consistency threshold is a majority of them, whatever roster the hub shows).
         dealer_key: the pinned public key of the aggregation dealer (dealer masking checks its statements).
+        min_nodes: the node's own floor on the nodes in a sum (the hub's ``min_nodes`` can only raise it).
+        claim: called with the round number before the node helps open the round's sum (pairwise: before it
+            reveals; dealer: before it signs the survivor set the dealer needs); raises
+            :class:`mpc.errors.ProtocolError` if it already did for that round of the run (two sums of the same
+            updates would expose one).
     """
 
     name: str
@@ -348,6 +354,14 @@ class NodeContext:
     sign: Callable[..., bytes]
     directory: "Directory | None" = None
     dealer_key: Any = None
+    min_nodes: int = 2
+    claim: Callable[[int], None] = lambda number: None
+
+    def threshold(self, roster_size: int, hub_min_nodes: int) -> int:
+        """T for a round: a majority of the federation as this node knows it (or of the roster, without a
+        directory), at least 2 and at least both floors."""
+        members = len(self.directory.keys) if self.directory is not None and self.directory.keys else roster_size
+        return majority(max(members, roster_size), max(hub_min_nodes, self.min_nodes))
 
 
 @dataclass(frozen=True)

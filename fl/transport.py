@@ -20,6 +20,7 @@ bytes.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ __all__ = [
     "HUB_ID",
     "DEALER_ID",
     "session_for",
+    "run_token",
     "hub_identity",
     "member_identity",
     "limits_for",
@@ -62,6 +64,12 @@ log = logging.getLogger("primia.transport")
 HUB_ID = "hub"
 #: the aggregation dealer's identity (aggregation.masking = 'dealer')
 DEALER_ID = "dealer"
+
+
+def run_token(run_id: str) -> str:
+    """What the hub's handshake says of its run: a digest, so that the run's name reaches only authenticated
+    peers (who then check that the run id the hub names hashes to the token they signed)."""
+    return hashlib.sha256(b"primia-run\x00" + run_id.encode()).hexdigest()[:32]
 
 
 def session_for(hub_key: Ed25519PublicKey) -> str:
@@ -166,7 +174,7 @@ async def stay_connected(hub: str, identity: Identity, serve: Callable[[Channel]
             await asyncio.sleep(delay)
             continue
         backoff.reset()
-        log.info("connected to the hub (run %s)", channel.context or "?")
+        log.info("connected to the hub (run token %s)", channel.context or "?")
         ended = await serve(channel)
         if ended is not None and once:
             return ended

@@ -15,6 +15,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
+from fl.transport import run_token
 from fl.aggregation import ServerOptimizer
 from fl.config import Config, parse_config
 from fl.data import scan_folder
@@ -60,6 +61,17 @@ def private_key(name: str) -> Any:
 
 def public_key(name: str) -> Any:
     return load_public_key(_ensure(name) / f"{name}.pub", what=name)
+
+
+def members_folder(names: tuple[str, ...] | list[str]) -> Path:
+    """A folder holding only the federation's public keys: ``names`` and the hub's and the dealer's (what a node's
+    --peer-keys and a dealer's --node-keys point at)."""
+    folder = keys_dir() / ("members-" + "-".join(sorted(names)))
+    if not folder.is_dir():
+        folder.mkdir()
+        for name in (*names, "hub", "dealer"):
+            shutil.copy(_ensure(name) / f"{name}.pub", folder / f"{name}.pub")
+    return folder
 
 
 def directory(names: tuple[str, ...] | list[str]) -> Directory:
@@ -145,9 +157,9 @@ class InMemoryFederation:
         self.run_id = run_id
         self.hub = HubProtocol(cfg, run_id, session=b"s" * 16)
         self.runtimes = runtimes
-        self.sessions = {n: NodeSession(rt, peer="hub", run_id=run_id) for n, rt in runtimes.items()}
+        self.sessions = {n: NodeSession(rt, peer="hub", run_token=run_token(run_id)) for n, rt in runtimes.items()}
         dealer = cfg.aggregation.secure and cfg.aggregation.masking == "dealer"
-        self.dealer = DealerSession(run_id=run_id, key=private_key("dealer"), directory=directory(list(runtimes)),
+        self.dealer = DealerSession(run_token=run_token(run_id), key=private_key("dealer"), directory=directory(list(runtimes)),
                                     ) if dealer else None
         self.dealer_reply: Callable[[Message], Message | None] = lambda msg: msg
         self.node_sent: Callable[[str, Message], Message | None] = lambda node, msg: msg
@@ -162,7 +174,7 @@ class InMemoryFederation:
         """``name`` (a node, or DEALER_LINK) connects to the hub (again, after a restart: a fresh session)."""
         self.lost.discard(name)
         if name != DEALER_LINK:
-            self.sessions[name] = NodeSession(self.runtimes[name], peer="hub", run_id=self.run_id)
+            self.sessions[name] = NodeSession(self.runtimes[name], peer="hub", run_token=run_token(self.run_id))
         return self.pump(self.hub.connected(name, self.now))
 
     def pump(self, actions: list[Any]) -> list[Any]:
@@ -251,10 +263,12 @@ class InMemoryFederation:
         return [entry for entry in self.log if entry[2].kind == kind]
 
 
-def node_runtimes(root: Path, names: tuple[str, ...]) -> dict[str, NodeRuntime]:
-    everyone = directory(KEY_NAMES)
-    return {n: NodeRuntime(scan_folder(root / n), name=n, sign=signer(n), directory=everyone,
-                           dealer_key=public_key("dealer"))
+def node_runtimes(root: Path, names: tuple[str, ...], *, allow_plain: bool = False,
+                  members: tuple[str, ...] | None = None) -> dict[str, NodeRuntime]:
+    """Node runtimes on ``root/<name>``, each trusting the federation ``members`` (default: ``names``)."""
+    federation = directory(members or names)
+    return {n: NodeRuntime(scan_folder(root / n), name=n, sign=signer(n), directory=federation,
+                           dealer_key=public_key("dealer"), allow_plain=allow_plain)
             for n in names}
 
 
@@ -315,8 +329,9 @@ class HubProcess:
 class NodeProcesses:
     """``primia node`` processes that dial a hub, each restartable after a kill."""
 
-    def __init__(self, workdir: Path, data: Path, names: tuple[str, ...]):
+    def __init__(self, workdir: Path, data: Path, names: tuple[str, ...], *, members: tuple[str, ...] | None = None):
         self.workdir, self.data, self.names = workdir, data, names
+        self.members = members or names  # the federation the nodes know (their --peer-keys)
         self.procs: dict[str, subprocess.Popen] = {}
         self.hub_uri = ""
 
@@ -329,8 +344,8 @@ class NodeProcesses:
             self.procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "cli.main", "node", "--data", str(self.data / name), "--name", name,
                  "--key", str(keys / f"{key or name}.key"), "--hub", hub_uri,
-                 "--hub-key", str(hub_key or keys / "hub.pub"), "--threads", "1", *(["--once"] if once else []),
-                 *(extra or [])],
+                 "--hub-key", str(hub_key or keys / "hub.pub"), "--peer-keys", str(members_folder(self.members)),
+                 "--threads", "1", *(["--once"] if once else []), *(extra or [])],
                 stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT,
             )
 
@@ -373,12 +388,14 @@ class NodeProcesses:
 class DealerProcess:
     """A ``primia dealer`` process dialing a hub, for ``aggregation.masking = 'dealer'``."""
 
-    def __init__(self, workdir: Path, hub_uri: str, *, key: str = "dealer", once: bool = True):
+    def __init__(self, workdir: Path, hub_uri: str, *, key: str = "dealer", once: bool = True,
+                 members: tuple[str, ...] = ("alpha", "beta", "gamma")):
         keys = keys_dir()
         self.log = workdir / "dealer.log"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cli.main", "dealer", "--key", str(keys / f"{key}.key"), "--hub", hub_uri,
-             "--hub-key", str(keys / "hub.pub"), *(["--once"] if once else [])],
+             "--hub-key", str(keys / "hub.pub"), "--node-keys", str(members_folder(members)),
+             *(["--once"] if once else [])],
             stdout=self.log.open("a"), stderr=subprocess.STDOUT, cwd=ROOT,
         )
 

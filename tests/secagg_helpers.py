@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from fl.transport import run_token
 from fl.dealer import DealerSession
 from fl.dealer_masking import DealerAggregator, DealerMasker
 from fl.messages import Message
@@ -54,7 +55,7 @@ class SecAggRound:
         self.agg = Weighted(base, "samples")
         self.maskers = maskers or {n: self.masker(n, masking=masking, neighbours=neighbours, ring_bits=ring_bits,
                                                   frac_bits=frac_bits, names=self.names) for n in self.names}
-        self.dealer = dealer or (DealerSession(run_id=run_id, key=private_key("dealer"), directory=everyone)
+        self.dealer = dealer or (DealerSession(run_token=run_token(run_id), key=private_key("dealer"), directory=everyone)
                                  if masking == "dealer" else None)
         self.start = RoundStart(number, tuple(self.names), samples or {n: 10 for n in self.names}, self.size,
                                 context_for(number), run_id, min_nodes)
@@ -65,6 +66,7 @@ class SecAggRound:
         self.to_peers: list[tuple[str, Message]] = []
         self.uploads: dict[str, np.ndarray] = {}
         self.lost: set[str] = set()
+        self.dropped_by_hub: dict[str, str] = {}
 
     def masker(self, name: str, *, masking: str, neighbours: int, ring_bits: int, frac_bits: int,
                names: list[str]) -> Any:
@@ -132,7 +134,11 @@ class SecAggRound:
         for reply in replies:
             reply = wire(reply, node)
             self.from_nodes.append((node, reply))
-            out += self.agg.receive(node, reply)
+            try:
+                out += self.agg.receive(node, reply)
+            except ProtocolError as exc:  # as fl.hub_protocol does: a sender that breaks the protocol is dropped
+                self.dropped_by_hub[node] = exc.reason
+                return out + self._lose(node)
         if masker.ready() and node not in self.uploads:
             if self.lose.get(node) == "before-upload":
                 return out + self._lose(node)

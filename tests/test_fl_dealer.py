@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from fl.transport import run_token
 from fl.config import parse_config
 from fl.dealer import Close, DealerSession, Reply
 from fl.dealer_masking import DealerAggregator, Kind
@@ -191,7 +192,7 @@ def test_malicious_hub_dealer_sum_over_a_subset_the_members_did_not_sign(rng):
 def test_malicious_hub_replays_a_survivor_signature_from_an_earlier_round(rng):
     names = ["a", "b", "c"]
     updates = updates_for(rng, names, size=64)
-    dealer = DealerSession(run_id=RUN_ID, key=private_key("dealer"), directory=directory(names))
+    dealer = DealerSession(run_token=run_token(RUN_ID), key=private_key("dealer"), directory=directory(names))
     first = SecAggRound(names, updates, masking="dealer", dealer=dealer)
     first.run()
     old = {n: m.header["signature"] for n, m in first.sent_by_nodes(Kind.SIGNATURE)}
@@ -212,11 +213,13 @@ def test_the_dealer_answers_one_sum_per_round_even_across_connections(rng):
     names = ["a", "b", "c"]
     updates = updates_for(rng, names, size=64)
     answered: dict = {}
-    dealer = DealerSession(run_id=RUN_ID, key=private_key("dealer"), directory=directory(names), answered=answered)
+    dealer = DealerSession(run_token=run_token(RUN_ID), key=private_key("dealer"),
+                           directory=directory(names), answered=answered)
     SecAggRound(names, updates, masking="dealer", dealer=dealer).run()
-    again = DealerSession(run_id=RUN_ID, key=private_key("dealer"), directory=directory(names), answered=answered)
+    again = DealerSession(run_token=run_token(RUN_ID), key=private_key("dealer"),
+                           directory=directory(names), answered=answered)
     with pytest.raises(ProtocolError, match="answered already"):
-        again.receive(Message(Kind.DEALER_KEYS, {"protocol": PROTOCOL_VERSION, "round": 1,
+        again.receive(Message(Kind.DEALER_KEYS, {"protocol": PROTOCOL_VERSION, "run_id": RUN_ID, "round": 1,
                                                  "context": context_for(1), "size": 64, "ring_bits": 32,
                                                  "min_nodes": 2}))
 
@@ -225,13 +228,13 @@ def test_the_dealer_answers_one_sum_per_round_even_across_connections(rng):
 
 
 def _keys_msg(**header):
-    base = {"protocol": PROTOCOL_VERSION, "round": 1, "context": context_for(1), "size": 8, "ring_bits": 32,
-            "min_nodes": 2}
+    base = {"protocol": PROTOCOL_VERSION, "run_id": RUN_ID, "round": 1, "context": context_for(1), "size": 8,
+            "ring_bits": 32, "min_nodes": 2}
     return Message(Kind.DEALER_KEYS, {**base, **header})
 
 
 def test_the_dealer_session_refuses_bad_and_out_of_order_messages():
-    session = DealerSession(run_id=RUN_ID, key=private_key("dealer"), directory=directory(["a", "b"]))
+    session = DealerSession(run_token=run_token(RUN_ID), key=private_key("dealer"), directory=directory(["a", "b"]))
     with pytest.raises(ProtocolError, match="does not handle"):
         session.receive(Message(Common.TRAIN, {"round": 1}))
     with pytest.raises(ProtocolError, match="protocol"):
@@ -239,7 +242,7 @@ def test_the_dealer_session_refuses_bad_and_out_of_order_messages():
     with pytest.raises(ProtocolError, match="no key here"):
         session.receive(Message(Kind.DEALER_ROSTER, {"round": 1, "keys": {}}))
     with pytest.raises(ProtocolError, match="--max-message-mib 2"):  # 2^19 values x 4 bytes = 2 MiB > 1 MiB
-        DealerSession(run_id=RUN_ID, key=private_key("dealer"), directory=directory(["a"]),
+        DealerSession(run_token=run_token(RUN_ID), key=private_key("dealer"), directory=directory(["a"]),
                       max_message_bytes=1 << 20).receive(_keys_msg(size=1 << 19))
     with pytest.raises(ProtocolError, match="context"):
         session.receive(_keys_msg(context=b"short"))

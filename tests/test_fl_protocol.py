@@ -11,6 +11,7 @@ from fl.messages import PROTOCOL_VERSION, Kind, Message
 from fl.models import Layout, build_model
 from fl.node_protocol import Close, NodeSession, Send
 from fl.pairwise import Kind as SA
+from fl.transport import run_token
 
 from .fl_helpers import InMemoryFederation, digits_folders, failures, make_config, node_runtimes
 
@@ -27,7 +28,8 @@ def start(data, names=NAMES, **sections):
     cfg = make_config(list(names), **sections)
     model = build_model("simple_cnn", num_classes=10, in_channels=1, input_size=8, width=4, seed=cfg.run.seed)
     layout = Layout.of(model)
-    fed = InMemoryFederation(cfg, node_runtimes(data, names))
+    plain = not cfg.aggregation.secure
+    fed = InMemoryFederation(cfg, node_runtimes(data, names, allow_plain=plain))
     events = fed.setup(CLASSES, 1, layout)
     assert sorted(e.node for e in events if isinstance(e, Joined)) == sorted(names)
     assert sorted(e.node for e in events if isinstance(e, Ready)) == sorted(names)
@@ -150,7 +152,7 @@ def test_a_node_that_reconnects_takes_part_from_the_next_round(data):
 
 def test_a_node_that_joins_during_a_round_waits_for_the_next(data):
     fed, weights = start(data, names=("a", "b"), aggregation={"secure": False})
-    fed.runtimes.update(node_runtimes(data, ("c",)))
+    fed.runtimes.update(node_runtimes(data, ("c",), allow_plain=True))
     fed.intercept = lambda node, msg: "drop" if msg.kind == Kind.TRAIN else None  # hold the round open
     fed.pump(fed.hub.begin_round(1, weights, 0.05, fed.now))
     fed.intercept = lambda node, msg: None
@@ -202,9 +204,9 @@ def test_a_node_refuses_a_hello_for_another_name_or_run(data):
     session = NodeSession(node_runtimes(data, ("a",))["a"])
     actions = session.receive(Message(Kind.HELLO, {"protocol": PROTOCOL_VERSION, "run_id": "r", "node": "zz"}))
     assert actions[0].message.kind == Kind.ERROR and "started as 'a'" in actions[0].message.header["reason"]
-    session = NodeSession(node_runtimes(data, ("a",))["a"], run_id="run-1")
+    session = NodeSession(node_runtimes(data, ("a",))["a"], run_token=run_token("run-1"))
     actions = session.receive(Message(Kind.HELLO, {"protocol": PROTOCOL_VERSION, "run_id": "run-2", "node": "a"}))
-    assert "authenticated for run 'run-1'" in actions[0].message.header["reason"]
+    assert "its handshake was for another run" in actions[0].message.header["reason"]
 
 
 def test_a_node_trains_a_round_number_once(data):

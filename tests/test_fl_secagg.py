@@ -395,14 +395,14 @@ def test_sparse_graph_sum_equals_fedavg(rng, ring_bits, neighbours):
 
 
 def test_sparse_graph_dropouts_open_only_the_partners_keys(rng):
-    names = [f"n{i}" for i in range(8)]  # ring of neighbours 2: n0-n1-...-n7-n0
+    names = [f"n{i}" for i in range(8)]  # Harary graph of 4 neighbours: n_i with n_i±1 and n_i±2
     updates = updates_for(rng, names, size=555, scale=1.0)
-    r = SecAggRound(names, updates, neighbours=2)
+    r = SecAggRound(names, updates, neighbours=4)
     r.lose = {"n3": "before-upload"}
     result = r.run()
     assert result.dropped == ["n3"]
     holders_of_keys = {n for n, m in r.sent_by_nodes(Kind.REVEAL) if "n3" in m.header["key_shares"]}
-    assert holders_of_keys == {"n2", "n4"}  # n3's partners, the holders of its shares
+    assert holders_of_keys == {"n1", "n2", "n4", "n5"}  # n3's partners, the holders of its shares
     assert np.abs(result.mean - fedavg(updates, result.weights, result.included)).max() <= 7 * 2.0**-17 / (7 / 8)
 
 

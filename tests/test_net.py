@@ -122,7 +122,7 @@ def test_wrong_secret_is_refused_on_both_sides_and_logged(caplog):
     async def main():
         server = await _echo_server()
         try:
-            with pytest.raises(AuthenticationError, match="refused the connection: this side's proof did not verify"):
+            with pytest.raises(AuthenticationError, match="refused the connection: it does not accept this side"):
                 await connect(f"ws://127.0.0.1:{_port(server)}", membership=_member("node-a", b"x" * 32),
                               peer_id="hub", options=FAST)
             # The server goes on serving members.
@@ -192,7 +192,7 @@ def test_server_sends_nothing_that_depends_on_its_secret_before_the_client_prove
     first = asyncio.run(seen_by_guesser(b"a" * 32))
     second = asyncio.run(seen_by_guesser(b"b" * 32))
     assert first == second
-    assert first[-1] == b"closed 1008 bad-proof"
+    assert first[-1] == b"closed 1008 not-accepted"
     challenge = msgpack.unpackb(first[0])
     assert set(challenge) == {"t", "id", "nonce", "context", "key"}
 

@@ -22,7 +22,6 @@ class HubCrash(Exception):
     """Stands for the hub process dying (power cut, OOM kill) between the dealer's answer and the checkpoint."""
 
 
-@pytest.mark.xfail(strict=True, raises=RoundFailed, reason="review: the dealer refuses the round a resumed hub reruns (answered ledger)")
 @pytest.mark.timeout(300)
 def test_a_resumed_dealer_masked_run_finishes_when_the_hub_died_after_the_dealers_answer(federation, tmp_path):
     path = config(federation, tmp_path, run={"rounds": 3}, aggregation={"masking": "dealer"})

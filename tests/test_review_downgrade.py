@@ -27,7 +27,6 @@ def data(tmp_path_factory):
     return digits_folders(tmp_path_factory.mktemp("digits"), NAMES, limit=300)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="review: a node accepts aggregation.secure = false from the hub")
 def test_malicious_hub_turns_secure_aggregation_off_and_reads_each_update(data):
     # the nodes are started exactly as for a secure federation (keys, pinned hub, peer keys, dealer key)
     runtimes = node_runtimes(data, NAMES)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fl.transport import run_token
 from fl.hub_protocol import Evaluated, RoundCollected
 from fl.messages import Kind
 from fl.models import Layout, build_model
@@ -52,13 +53,15 @@ def _round(fed, number, weights, *, evaluate=False):
     return result, model_sent
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="review: a node trains a round again after reconnecting; two sums of one round")
 @pytest.mark.parametrize("masking, second_run", [
     ({"secure": True}, "run-1"),
     ({"secure": True, "neighbours": 2}, "run-1"),
     # the dealer answers a (run, round) once, but the run id is the hub's word: a "new run" trains round 1 again
-    ({"secure": True, "masking": "dealer"}, "run-2"),
+    pytest.param({"secure": True, "masking": "dealer"}, "run-2", marks=pytest.mark.xfail(
+        strict=True, raises=AssertionError,
+        reason="a known limit (docs/federation.md, threat model): a hub that starts a new run from the same weights "
+               "gets a second sum of nearly the same updates; secure aggregation protects one sum, differential "
+               "privacy is the defence across runs")),
 ], ids=["pairwise", "neighbours-2", "dealer-new-run-id"])
 def test_malicious_hub_reruns_a_round_after_reconnecting_and_differences_the_sums(data, masking, second_run):
     cfg = make_config(list(NAMES), aggregation=masking)
@@ -77,7 +80,7 @@ def test_malicious_hub_reruns_a_round_after_reconnecting_and_differences_the_sum
     # the hub closes the connections (or restarts); b and c dial back first and are asked for round 1 again
     second = InMemoryFederation(cfg, {n: runtimes[n] for n in ("b", "c")}, run_id=second_run)
     if first.dealer is not None:  # the same dealer process: its ledger of answered rounds carries over
-        second.dealer = DealerSession(run_id=second_run, key=private_key("dealer"), directory=directory(NAMES),
+        second.dealer = DealerSession(run_token=run_token(second_run), key=private_key("dealer"), directory=directory(NAMES),
                                       answered=first.dealer.answered)
     second.setup(CLASSES, 1, layout)
     two, _ = _round(second, 1, weights)
@@ -95,7 +98,6 @@ def test_malicious_hub_reruns_a_round_after_reconnecting_and_differences_the_sum
         f"{err:.1e} (max |u_a| {scale:.2e})")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="review: --resume reruns a round with another node set; nodes get both models")
 def test_an_honest_resume_lets_a_node_difference_the_two_models_of_one_round(data):
     """The same with an honest hub: round 1 completes (checkpoint), the hub is killed during round 2's evaluation
     (before its checkpoint), and `primia train --resume` reruns round 2 from round 1's model with the nodes that are

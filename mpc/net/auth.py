@@ -38,7 +38,9 @@ use TLS off loopback.
 Refusals: the server closes with code 1008 and a reason that names the cause
 (:data:`REFUSALS`), logs it with the remote address and the name the client
 claimed, and raises :class:`mpc.errors.AuthenticationError`; the client turns
-the close into an error naming the same cause.
+the close into an error naming the same cause.  An unknown name and a wrong
+key are refused alike, after the proof ("not-accepted"; the server's log tells
+them apart), so a stranger cannot ask which names the server knows.
 
 What this does not do: encrypt or integrity-protect the data that follows.
 Off loopback, run over TLS (``wss://``, see docs/network.md).
@@ -93,9 +95,8 @@ REFUSALS = {
     "session": "it belongs to another session or federation: check the hub's public key (--hub-key) or the "
                "session name",
     "wrong-endpoint": "it is not the endpoint this side dialled (check the address and the peer's name)",
-    "unknown-identity": "it does not know this side's name: add it (with its public key) to the peer's config",
-    "bad-proof": "this side's proof did not verify: wrong secret, or a key that is not the one the peer has "
-                 "configured for this name",
+    "not-accepted": "it does not accept this side: this name is not in its config, or its config holds another "
+                    "key (or secret) for it — check the name, and that the peer lists this side's public key",
     "refused": "it refused this connection",
     "malformed": "it could not read this side's handshake",
     "timeout": "this side was too slow to answer the handshake",
@@ -394,8 +395,9 @@ async def server_handshake(
             raise _Refusal("session", f"{peer} is in another session {hello.get('session')!r:.80}")
         if hello.get("to") != local_id:
             raise _Refusal("wrong-endpoint", f"{peer} dialled {hello.get('to')!r:.40}, but this is {local_id!r}")
-        if not credentials.knows(client_id):
-            raise _Refusal("unknown-identity", f"{peer} is not a known peer: no public key is configured for that name")
+        # An unknown name is refused only after its proof, with the same reason as a wrong key: a peer that holds
+        # no configured key cannot tell which names the server knows.
+        known = credentials.knows(client_id)
         client_nonce = _nonce(hello, peer)
         server_nonce = secrets.token_bytes(_NONCE_BYTES)
         await ws.send(msgpack.packb(
@@ -405,9 +407,11 @@ async def server_handshake(
         ))
         transcript = _transcript(session, client_id, local_id, client_nonce, server_nonce, context, binding)
         answer = await _recv_small(ws, timeout_s, "proof", peer)
+        if not known:
+            raise _Refusal("not-accepted", f"{peer} is not a known peer: no public key is configured for that name")
         if not credentials.verify(client_id, _ROLE_CLIENT, transcript, answer.get("proof")):
-            raise _Refusal("bad-proof", f"{peer} could not prove it: wrong secret, or a key that is not the one "
-                                        "configured for that name")
+            raise _Refusal("not-accepted", f"{peer} could not prove it: wrong secret, or a key that is not the one "
+                                           "configured for that name")
         refusal = accept(client_id)
         if refusal is not None:
             raise _Refusal("refused", f"{peer} refused: {refusal}")
