@@ -101,10 +101,12 @@ def serve_node(name: str, hub: str, keys: str, classes: int) -> None:
     folder = Path(keys)
     key = load_private_key(folder / f"{name}.key", what="key")
     runtime = _update_only_runtime(name, classes)
+    hub_key, dealer_key = (load_public_key(folder / f"{n}.pub", what=n) for n in ("hub", "dealer"))
     runtime.sign = lambda *fields: sign_statement(key, *fields)
-    runtime.directory = Directory.from_folder(folder, what="keys")
-    runtime.dealer_key = load_public_key(folder / "dealer.pub", what="dealer")
-    identity = member_identity(name, key, load_public_key(folder / "hub.pub", what="hub"))
+    runtime.directory = Directory.from_folder(folder, what="keys").nodes(not_keys=[hub_key, dealer_key])
+    runtime.dealer_key = dealer_key
+    runtime.allow_plain = True  # the benchmark compares with plain rounds on the same processes
+    identity = member_identity(name, key, hub_key)
     client = NodeClient(runtime, identity=identity, hub=hub, max_message_mib=4096, reconnect_max_s=0.2)
     asyncio.run(client.run())
 
