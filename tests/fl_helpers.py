@@ -327,13 +327,19 @@ class HubProcess:
 
 
 class NodeProcesses:
-    """``primia node`` processes that dial a hub, each restartable after a kill."""
+    """``primia node`` processes that dial a hub, each restartable after a kill.
+
+    Every instance is listed in ``NodeProcesses.started`` so that a fixture can stop what a failed test left.
+    """
+
+    started: list["NodeProcesses"] = []
 
     def __init__(self, workdir: Path, data: Path, names: tuple[str, ...], *, members: tuple[str, ...] | None = None):
         self.workdir, self.data, self.names = workdir, data, names
         self.members = members or names  # the federation the nodes know (their --peer-keys)
         self.procs: dict[str, subprocess.Popen] = {}
         self.hub_uri = ""
+        NodeProcesses.started.append(self)
 
     def start(self, hub_uri: str, names: tuple[str, ...] | None = None, *, extra: list[str] | None = None,
               key: str | None = None, hub_key: Path | None = None, once: bool = True) -> None:

@@ -63,6 +63,17 @@ def federation(tmp_path_factory, data):
     procs.stop()
 
 
+@pytest.fixture(autouse=True)
+def stop_what_the_test_started():
+    """Node processes a test starts (rogues, TLS nodes) are stopped even when it fails."""
+    before = list(NodeProcesses.started)
+    yield
+    for procs in NodeProcesses.started:
+        if procs not in before:
+            procs.stop()
+    NodeProcesses.started[:] = before
+
+
 def config(env, tmp_path, names=NAMES, **sections):
     raw = base_config(list(names), **{**FAST, **sections})
     raw["federation"]["listen"] = f"127.0.0.1:{env['port']}"
