@@ -114,7 +114,7 @@ def test_final_softmax_reveals_centred_logits_and_probabilities():
 def test_weight_bits_and_comparison_domain_are_options():
     model = resnet18()
     x = _batch((3, 32, 32), n=1)
-    owner, _, _ = encrypted(model, x, weight_bits=20, comparison_bits=64)
+    owner, _, _ = encrypted(model, x, weight_bits=20, comparison_bits=32)
     with torch.no_grad():
         _assert_close(owner["logits"][0], model(x).double().numpy())
 
