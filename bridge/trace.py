@@ -95,17 +95,31 @@ class Blocker:
 
     def describe(self) -> str:
         at = f"{self.where} ({self.line})" if self.line else self.where
-        reason = f" ({self.why})" if self.why else ""
-        todo = f"; {self.fix}" if self.fix else ""
+        reason = f": {self.why}" if self.why else ""
+        todo = f"; to fix: {self.fix}" if self.fix else ""
         return f"{self.what} at {at}{reason}{todo}"
 
 
+def _grouped(blockers: list[Blocker]) -> list[Blocker]:
+    """Blockers with the same what, why and fix as one, listing every place."""
+    groups: dict[tuple[str, str, str], list[Blocker]] = {}
+    for b in blockers:
+        groups.setdefault((b.what, b.why, b.fix), []).append(b)
+    out = []
+    for (what, why, fix), same in groups.items():
+        places = [f"{b.where} ({b.line})" if b.line else b.where for b in same]
+        shown = ", ".join(places[:6]) + (f" and {len(places) - 6} more" if len(places) > 6 else "")
+        out.append(Blocker(shown, "", what, why, fix))
+    return out
+
+
 def _blocked(blockers: list[Blocker]) -> UnsupportedModelError:
-    if len(blockers) == 1:
-        text = f"cannot convert {blockers[0].describe()}."
+    groups = _grouped(blockers)
+    if len(groups) == 1:
+        text = f"cannot convert {groups[0].describe()}."
     else:
-        items = "\n".join(f"  - {b.describe()}" for b in blockers)
-        text = f"cannot convert {len(blockers)} parts of the model:\n{items}\n"
+        items = "\n".join(f"  - {b.describe()}" for b in groups)
+        text = f"cannot convert {len(groups)} kinds of layers:\n{items}\n"
     exc = UnsupportedModelError(f"{text} Supported: {SUPPORTED}.")
     exc.module = blockers[0].where
     exc.op = blockers[0].what
@@ -174,7 +188,7 @@ class _Recorder(fx.Interpreter):
         super().__init__(gm)
         self.shapes: dict[fx.Node, tuple[int, ...]] = {}
         self.statics: dict[fx.Node, Any] = {}
-        self.tuples: dict[fx.Node, int] = {}
+        self.tuples: dict[fx.Node, list[tuple[int, ...] | None]] = {}
         self.constants: dict[fx.Node, torch.Tensor] = {}
         self.dynamic: set[fx.Node] = set()
 
@@ -187,7 +201,7 @@ class _Recorder(fx.Interpreter):
             if n not in self.dynamic and n.op != "get_attr":
                 self.constants[n] = result.detach()
         elif isinstance(result, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in result):
-            self.tuples[n] = len(result)
+            self.tuples[n] = [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in result]
         else:
             self.statics[n] = result
         return result
@@ -261,8 +275,10 @@ class Tracer:
         self.weights: dict[str, np.ndarray] = {}
         self.refs: dict[str, str] = {}  # node name -> op name holding its value
         self.tuples: dict[str, list[str | None]] = {}
+        self.moved: dict[str, tuple[str, tuple[int, ...]]] = {}  # node -> (source op, permutation moving the batch)
         self.params: dict[str, np.ndarray] = {}  # node name -> model tensor (parameters, buffers, folded)
         self.poisoned: set[str] = set()
+        self.blocked: set[str] = set()  # nodes reported as blockers; their outputs are stand-ins
         self.blockers: list[Blocker] = []
         self.input_name = ""
 
@@ -278,6 +294,10 @@ class Tracer:
             if v.name in self.params:
                 raise Refusal("a model parameter used as data where an activation is expected",
                               "parameters may be layer weights, or added to or multiplied with activations")
+            if v.name in self.moved:
+                raise Refusal(f"{v.name} moves the batch dimension away from the front",
+                              "keep dimension 0 first, or index the new leading dimension right away "
+                              "(q, k, v = qkv[0], qkv[1], qkv[2] or qkv.unbind(0))")
         raise Refusal(f"expected an activation tensor, got {v!r}")
 
     def is_tensor(self, v: Any) -> bool:
@@ -285,7 +305,15 @@ class Tracer:
             return v in self.shapes
         if isinstance(v, fx.Node) and v.name in self.poisoned:
             raise _Poisoned(v.name)
-        return isinstance(v, fx.Node) and v.name in self.refs
+        return isinstance(v, fx.Node) and (v.name in self.refs or v.name in self.moved)
+
+    def move_batch(self, c: Call, x: Any, perm: tuple[int, ...]) -> None:
+        """A permutation moving the batch: allowed when its result is only indexed along the new first axis."""
+        self.moved[c.node.name] = (self.tensor(x), tuple(perm))
+
+    def batch_moved(self, v: Any) -> tuple[str, tuple[int, ...]] | None:
+        """(source op, permutation) of a value whose batch dimension was moved, else None."""
+        return self.moved.get(v.name) if isinstance(v, fx.Node) else None
 
     def is_tuple(self, v: Any) -> bool:
         return isinstance(v, fx.Node) and v.name in self.tuples
@@ -294,6 +322,8 @@ class Tracer:
         items = self.tuples[v.name]
         item = items[index] if -len(items) <= index < len(items) else None
         if item is None:
+            if v.name in self.blocked:
+                raise _Poisoned(v.name)  # a blocked layer's output: reported there
             raise Refusal(f"output {index} of {v.name} is not available encrypted")
         return item
 
@@ -450,8 +480,22 @@ class Tracer:
         return self.ops, self.weights, output, softmax_axis
 
     def _block(self, node: fx.Node, what: str, why: str, fix: str = "") -> None:
+        """Report a blocker and stand in for its output (same shape), so later layers are checked too."""
         self.blockers.append(Blocker(_module_path(node), _source_line(node), what, why, fix))
-        self.poisoned.add(node.name)
+        self.blocked.add(node.name)
+        self.refs.pop(node.name, None)
+        self.tuples.pop(node.name, None)
+        if node in self.rec.shapes:
+            self.refs[node.name] = self._stand_in(node.name, self.rec.shapes[node][1:])
+        elif node in self.rec.tuples:
+            self.tuples[node.name] = [None if shape is None or not shape else self._stand_in(f"{node.name}__{k}", shape[1:])
+                                      for k, shape in enumerate(self.rec.tuples[node])]
+        else:
+            self.poisoned.add(node.name)
+
+    def _stand_in(self, name: str, shape: tuple[int, ...]) -> str:
+        self.shapes[f"{name}__blocked"] = tuple(shape)
+        return f"{name}__blocked"
 
     def _output(self, node: fx.Node) -> str:
         value = node.args[0]
@@ -588,7 +632,35 @@ def _fold_affine(plan: Plan, weights: dict[str, np.ndarray]) -> tuple[Plan, dict
             continue
         kept.append(op)
     output = renamed.get(plan.output, plan.output)
-    return replace(plan, ops=tuple(kept), output=output), weights
+    return _fold_affine_forward(replace(plan, ops=tuple(kept), output=output), weights)
+
+
+def _fold_affine_forward(plan: Plan, weights: dict[str, np.ndarray]) -> tuple[Plan, dict[str, np.ndarray]]:
+    """Fold an affine op over the last axis into the linear layer that is its only consumer.
+
+    linear(x s + t) = x (W diag s)^T + (W t + b): LayerNorm's weight and bias before
+    an attention or MLP projection cost nothing.
+    """
+    weights = dict(weights)
+    users = _consumers(plan)
+    dropped: dict[str, str] = {}
+    for op in plan.ops:
+        consumers = users.get(op.name, [])
+        if op.kind != "affine" or len(consumers) != 1 or consumers[0].kind != "linear":
+            continue
+        linear = consumers[0]
+        scale, shift = weights[op.params[0]], weights[op.params[1]]
+        w_key, b_key = linear.params
+        w = weights[w_key]
+        if scale.shape != (w.shape[1],) or np.broadcast_shapes(shift.shape, scale.shape) != scale.shape:
+            continue
+        shift = np.broadcast_to(shift, scale.shape)
+        weights[b_key] = weights[b_key] + w @ shift
+        weights[w_key] = w * scale[None, :]
+        dropped[op.name] = op.inputs[0]
+    ops = tuple(replace(op, inputs=tuple(dropped.get(i, i) for i in op.inputs))
+                for op in plan.ops if op.name not in dropped)
+    return replace(plan, ops=ops), weights
 
 
 def _pool_before_activation(plan: Plan) -> Plan:

@@ -46,8 +46,8 @@ def test_infer_local_resnet18_api_contract():
 
 
 def test_unsupported_model_fails_before_any_process_starts():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Flatten()).eval()
-    with pytest.raises(UnsupportedModelError, match="Tanh"):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Softplus(), nn.Flatten()).eval()
+    with pytest.raises(UnsupportedModelError, match="Softplus"):
         bridge.infer_local(model, torch.zeros(1, 3, 8, 8))
     assert multiprocessing.active_children() == []
 
@@ -135,14 +135,15 @@ def test_primia_infer_local_writes_one_json_per_image(clinic, tmp_path, capsys):
 
 
 def test_primia_infer_local_refuses_an_unsupported_model(tmp_path, capsys):
-    weights = tmp_path / "sq.pt"
-    torch.save(build_model("squeezenet1_0", num_classes=2, in_channels=3, input_size=64).state_dict(), weights)
+    weights = tmp_path / "swin.pt"
+    torch.save(build_model("swin_v2_t", num_classes=2, in_channels=3, input_size=32).state_dict(), weights)
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "x.png")
-    code = main(["infer", "--local", "--weights", str(weights), "--model", "squeezenet1_0", "--input-size", "64",
+    code = main(["infer", "--local", "--weights", str(weights), "--model", "swin_v2_t", "--input-size", "32",
                  str(tmp_path / "x.png"), "--out", str(tmp_path / "out")])
     stderr = capsys.readouterr().err
     assert code == 1
-    assert "cannot convert MaxPool2d" in stderr and "ceil_mode" in stderr and "Supported:" in stderr
+    assert "cannot convert shifted_window_attention" in stderr and "cosine attention" in stderr
+    assert "Supported:" in stderr
     assert not (tmp_path / "out").exists()
     assert multiprocessing.active_children() == []
 

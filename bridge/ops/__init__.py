@@ -6,7 +6,7 @@ family             kinds
 :mod:`.products`   conv2d, conv_transpose2d, linear, affine, mul, matmul
 :mod:`.arith`      add, add_const, scale_const, bias, param
 :mod:`.activations`  relu, clamp, sigmoid, tanh, silu, hardsigmoid, hardswish, gelu, softmax
-:mod:`.pooling`    max_pool2d, adaptive_max_pool2d, avg_pool2d, adaptive_avg_pool2d, mean, resize
+:mod:`.pooling`    max_pool2d, adaptive_max_pool2d, avg_pool2d, adaptive_avg_pool2d, mean, sum, resize
 :mod:`.shape`      reshape, permute, index, cat, expand, pad, roll
 :mod:`.norm`       layer_norm (and BatchNorm's rules, which emit affine)
 =================  ==============================================================

@@ -6,21 +6,25 @@ comparison domain.
 
 Approximated, each a one-line composition of the engine's functions (see
 :func:`silu` and the others below; swap the line when the engine offers a
-better one).  Errors against the exact function, at 16 fractional bits
-(``tests/test_bridge_ops.py`` measures them over the stated ranges):
+better one).  Absolute errors against torch's exact function at 16 fractional
+bits (the default for plans that approximate), as :data:`ERROR_BOUNDS` states
+them and ``tests/test_bridge_ops.py`` checks them over [-20, 20] and at
+±100; the comparison domain must hold the magnitudes each compares
+(:attr:`~bridge.registry.OpKind.compares`):
 
-============  ==============================================  ===========================  ===========
-function      how                                              error bound (abs)            range
-============  ==============================================  ===========================  ===========
-sigmoid       mpc ``sigmoid`` (exp on [-16, 0], Newton 1/y)    2e-4                         any x
-tanh          2 sigmoid(2x) - 1                                4e-4                         any x
-silu          x sigmoid(x)                                     2e-4 |x| + 1e-4              any x
-hardsigmoid   clamp(x/6 + 1/2, 0, 1), exact comparisons        2e-5                         any x
-hardswish     x hardsigmoid(x)                                 2e-5 |x| + 1e-4              any x
-gelu          relu(x - 6) + t sigmoid(2u), t = clamp(x, ±6),   1.5e-3 (4.8e-4 of it is the  any x
-              u = sqrt(2/pi)(t + 0.044715 t^3) (tanh form)     tanh form vs erf)
-softmax       mpc ``softmax`` (max-subtracted, exp, 1/sum)     2e-4                         any x
-============  ==============================================  ===========================  ===========
+============  ===============================================  ==========================  ===============
+function      how                                              error bound (abs)           compares
+============  ===============================================  ==========================  ===============
+sigmoid       mpc ``sigmoid`` (exp on [-16, 0], Newton 1/y)    1e-4                        |x| + 16
+tanh          2 sigmoid(2x) - 1                                2e-4                        2|x| + 16
+silu          x sigmoid(x)                                     1e-4 max(1, |x|)            |x| + 16
+hardsigmoid   clamp(x/6 + 1/2, 0, 1) (exact comparisons)       5e-5                        |x|/6 + 1.5
+hardswish     x hardsigmoid(x)                                 5e-5 max(1, |x|)            |x|/6 + 1.5
+gelu          relu(x - 6) + t sigmoid(2u), t = clamp(x, ±6),   1e-3 (4.7e-4 of it: tanh    max(|x| + 6, 41)
+              u = sqrt(2/pi) (t + 0.044715 t^3) (tanh form)    form against erf); 2e-4
+                                                               against torch's tanh form
+softmax       mpc ``softmax`` (max-subtracted, exp, 1/sum)     1e-4                        2|x| + 16, k
+============  ===============================================  ==========================  ===============
 
 Each costs about one sigmoid (34 rounds at 16 bits, 4 comparisons per element).
 """
@@ -40,7 +44,19 @@ from mpc.tensor import SharedTensor
 from ..plan import Op
 from ..registry import Fixed, OpKind, Operand, Refusal, TorchRule, compares_input, ring_bits
 
-__all__ = ["RECORDS", "silu", "hardsigmoid", "hardswish", "gelu", "softmax_float", "gelu_float"]
+__all__ = ["RECORDS", "ERROR_BOUNDS", "silu", "hardsigmoid", "hardswish", "gelu", "softmax_float", "gelu_float"]
+
+#: kind -> (a, b): |encrypted - exact| <= a + b |x| at 16 fractional bits, for any x (see the table above)
+ERROR_BOUNDS = {
+    "sigmoid": (1e-4, 0.0),
+    "tanh": (2e-4, 0.0),
+    "silu": (1e-4, 1e-4),
+    "hardsigmoid": (5e-5, 0.0),
+    "hardswish": (5e-5, 5e-5),
+    "gelu": (1e-3, 0.0),
+    "gelu_tanh": (2e-4, 0.0),
+    "softmax": (1e-4, 0.0),
+}
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_CUBIC = 0.044715

@@ -232,9 +232,10 @@ def _param_secure(m: Any, op: Op, xs: list[Operand]) -> SharedTensor:
     return SharedTensor(v.ctx, np.broadcast_to(v.share, (n,) + v.shape[1:]).copy(), v.frac_bits)
 
 
+# its one input only gives the batch size
 PARAM = OpKind(
     kind="param",
-    summary="a model parameter expanded over the batch (class tokens); its input only gives the batch size",
+    summary="a model parameter expanded over the batch (class tokens)",
     plaintext=lambda op, xs, p: np.broadcast_to(p[0], (xs[0].shape[0],) + p[0].shape[1:]).copy(),
     encrypted=_param_secure,
     params=("value",),

@@ -236,17 +236,19 @@ def _mean_secure(m: Any, op: Op, xs: list[Operand]) -> SharedTensor:
     return _divide(xs[0], lambda s: s.sum(axis=axes, keepdims=keep, dtype=s.dtype), np.array([count]))
 
 
-def _trace_mean(t: Any, c: Any) -> None:
-    x = c.arg(0, "input")
-    dims = t.static(c.arg(1, "dim", None))
-    if dims is None:
-        raise Refusal("mean over every dimension, the batch included", "give the dimensions to average over")
-    ndim = len(t.shape(x)) + 1
-    dims = (dims,) if isinstance(dims, int) else tuple(dims)
-    axes = tuple(sorted({int(d) % ndim for d in dims}))
-    if 0 in axes:
-        raise Refusal("averaging over the batch dimension")
-    t.emit(c, "mean", [t.tensor(x)], {"axes": axes, "keepdim": bool(t.static(c.arg(2, "keepdim", False)))})
+def _reduction(kind: str):
+    def rule(t: Any, c: Any) -> None:
+        x = c.arg(0, "input")
+        dims = t.static(c.arg(1, "dim", None))
+        if dims is None:
+            raise Refusal(f"{kind} over every dimension, the batch included", "give the dimensions to reduce")
+        ndim = len(t.shape(x)) + 1
+        dims = (dims,) if isinstance(dims, int) else tuple(dims)
+        axes = tuple(sorted({int(d) % ndim for d in dims}))
+        if 0 in axes:
+            raise Refusal(f"{kind} over the batch dimension")
+        t.emit(c, kind, [t.tensor(x)], {"axes": axes, "keepdim": bool(t.static(c.arg(2, "keepdim", False)))})
+    return rule
 
 
 MEAN = OpKind(
@@ -255,7 +257,22 @@ MEAN = OpKind(
     plaintext=lambda op, xs, p: xs[0].mean(axis=tuple(op.attrs["axes"]), keepdims=op.attrs["keepdim"]),
     encrypted=_mean_secure,
     ring=lambda op, b, p, f: ring_bits(b[0], f.act_bits + 30),
-    torch=(TorchRule(("torch.mean", "Tensor.mean"), _trace_mean),),
+    torch=(TorchRule(("torch.mean", "Tensor.mean"), _reduction("mean")),),
+)
+
+
+def _sum_secure(m: Any, op: Op, xs: list[Operand]) -> SharedTensor:
+    x = xs[0].raw
+    return SharedTensor(x.ctx, x.share.sum(axis=tuple(op.attrs["axes"]), keepdims=op.attrs["keepdim"],
+                                           dtype=x.share.dtype), x.frac_bits)
+
+
+SUM = OpKind(
+    kind="sum",
+    summary="sum over non-batch dimensions",
+    plaintext=lambda op, xs, p: xs[0].sum(axis=tuple(op.attrs["axes"]), keepdims=op.attrs["keepdim"]),
+    encrypted=_sum_secure,
+    torch=(TorchRule(("torch.sum", "Tensor.sum"), _reduction("sum")),),
 )
 
 
@@ -335,4 +352,4 @@ RESIZE = OpKind(
                       "F.upsample", "F.upsample_nearest", "F.upsample_bilinear"), _resize_rule),),
 )
 
-RECORDS = (MAX_POOL2D, ADAPTIVE_MAX_POOL2D, AVG_POOL2D, ADAPTIVE_AVG_POOL2D, MEAN, RESIZE)
+RECORDS = (MAX_POOL2D, ADAPTIVE_MAX_POOL2D, AVG_POOL2D, ADAPTIVE_AVG_POOL2D, MEAN, SUM, RESIZE)

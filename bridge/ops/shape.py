@@ -64,7 +64,10 @@ def trace_permute(t: Any, c: Any, x: Any, perm: tuple[int, ...], tag: str | None
     if sorted(perm) != list(range(ndim)):
         raise Refusal(f"{perm} is not a permutation of {ndim} dimensions")
     if perm[0] != 0:
-        raise Refusal("the batch dimension would move", "keep dimension 0 first")
+        if tag is not None:
+            raise Refusal("the batch dimension would move", "keep dimension 0 first")
+        t.move_batch(c, x, perm)  # fine if only indexed along the new first axis (qkv[0], unbind(0))
+        return ""
     if perm == tuple(range(ndim)):
         if tag is None:
             t.alias(c, t.tensor(x))
@@ -157,10 +160,30 @@ def trace_index(t: Any, c: Any, x: Any, entries: list, tag: str | None = None) -
     return t.sub(c, tag, "index", [t.tensor(x)], {"index": entries})
 
 
+def _select_moved(t: Any, c: Any, v: Any, j: int, tag: str | None = None) -> str:
+    """``permute(x, perm)[j]`` where the permutation moved the batch: select j on x's axis perm[0], then permute."""
+    source, perm = t.batch_moved(v)
+    axis = perm[0]
+    size = t.shape(source)[axis - 1]
+    j = j % size if -size <= j < size else j
+    picked = trace_index(t, c, source, [["s", None, None, None]] * (axis - 1) + [["i", j]], f"{tag or 'pick'}_at")
+    rest = tuple(p if p < axis else p - 1 for p in perm[1:])
+    if rest[0] != 0:
+        raise Refusal("the batch dimension would move", "keep dimension 0 first")
+    return trace_permute(t, c, picked, rest, tag or "pick")
+
+
 def _getitem_rule(t: Any, c: Any) -> None:
     x, index = c.args[0], c.args[1]
     if t.is_tuple(x):  # an op with several outputs (chunk, split, attention)
         t.alias(c, t.tuple_item(x, int(t.static(index))))
+        return
+    if t.batch_moved(x) is not None:
+        j = t.static(index)
+        if not isinstance(j, int):
+            raise Refusal("indexing a tensor whose batch dimension was moved, other than by one integer",
+                          "index the new leading dimension with an integer first")
+        t.alias(c, _select_moved(t, c, x, j))
         return
     trace_index(t, c, x, _entries(t, index, len(t.shape(x)) + 1))
 
@@ -196,6 +219,11 @@ def _split_rule(t: Any, c: Any) -> None:
 
 def _unbind_rule(t: Any, c: Any) -> None:
     x = c.arg(0, "input")
+    moved = t.batch_moved(x)
+    if moved is not None and int(t.static(c.arg(1, "dim", 0))) == 0:
+        count = t.shape(moved[0])[moved[1][0] - 1]
+        t.outputs(c, [_select_moved(t, c, x, j, f"part{j}") for j in range(count)])
+        return
     ndim = len(t.shape(x)) + 1
     axis = int(t.static(c.arg(1, "dim", 0))) % ndim
     if axis == 0:
