@@ -27,7 +27,8 @@ from mpc.errors import ConfigError
 
 from .roles import DATA_OWNER, local_party
 from .plaintext import value_ranges
-from .secure import DEFAULT_ACT_BITS, DEFAULT_WEIGHT_BITS, comparison_bits_for
+from .secure import DEFAULT_WEIGHT_BITS, comparison_bits_for
+from .sizing import default_act_bits
 from .trace import ConvertedModel, convert
 
 __all__ = ["InferenceResult", "infer_local", "fixed_point_for", "summarise_stats"]
@@ -56,7 +57,7 @@ def fixed_point_for(converted: ConvertedModel, x: np.ndarray, *, act_bits: int |
     The caller of :func:`infer_local` holds both the model and the images, so a
     plaintext run, before any party starts, can size what it does not set:
 
-    - ``act_bits``: the default 12, raised (to at most 20) until one unit is
+    - ``act_bits``: the plan's default (:func:`bridge.sizing.default_act_bits`), raised (to at most 20) until one unit is
       below 1e-3 of the largest logit, so that rounding (about one unit at the
       output) stays well inside the documented tolerance of 1e-2 of the largest
       logit for models with small outputs;
@@ -69,7 +70,7 @@ def fixed_point_for(converted: ConvertedModel, x: np.ndarray, *, act_bits: int |
     peak, largest_logit = value_ranges(converted.plan, converted.weights, x)
     if act_bits is None:
         wanted = int(np.ceil(np.log2(1e3 / largest_logit))) if largest_logit > 0 else _MAX_ACT_BITS
-        act_bits = min(max(wanted, DEFAULT_ACT_BITS), _MAX_ACT_BITS)
+        act_bits = min(max(wanted, default_act_bits(converted.plan)), _MAX_ACT_BITS)
     if comparison_bits is None:
         comparison_bits = max(comparison_bits_for(act_bits), comparison_bits_for(act_bits, 2 * peak))
     return act_bits, comparison_bits

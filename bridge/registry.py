@@ -31,8 +31,9 @@ A record is everything the bridge knows about one kind of layer:
   (value times 2^scale) any sum of shares of this op reaches, for inputs
   bounded by ``input_bounds``; :func:`bridge.sizing.check_ring` refuses a plan
   where it reaches the truncation limit 2^62.
-- ``approximate``: the encrypted rule approximates a smooth function (it needs
-  at least 16 fractional bits, :func:`default_act_bits`).
+- ``min_act_bits``: the activation fractional bits its documented error needs
+  (approximations of smooth functions: 16; LayerNorm: 20); a plan runs at the
+  largest of its ops' (:func:`bridge.sizing.default_act_bits`).
 
 Adding a layer type is adding one record to a family module of
 :mod:`bridge.ops` (and its line in ``KINDS`` there).  This module needs no torch.
@@ -162,7 +163,7 @@ class OpKind:
     layout: LayoutRule = same_shape_layout
     compares: CompareRule = no_comparison
     ring: RingRule = no_ring
-    approximate: bool = False
+    min_act_bits: int = 0
     torch: tuple[TorchRule, ...] = field(default_factory=tuple)
 
 

@@ -8,7 +8,7 @@ product with an activation costs one one-way message of the activation's size
 (:mod:`mpc.protocols.owned`).
 
 Fixed point.  Activations live at ``act_bits`` fractional bits (default 12,
-or 16 when the plan approximates a smooth function:
+or more when the plan approximates smooth functions:
 :func:`bridge.sizing.default_act_bits`), multiplied parameters at
 ``weight_bits`` (default 20), independently of the context's ``frac_bits``
 (which the pass sets to ``act_bits`` while it runs, so that the engine's

@@ -13,8 +13,8 @@
   fix.  :func:`check_weights` runs it on the layers with the owner's weights,
   for activations within the domain's bound: the model owner calls it (in
   :class:`bridge.secure.EncryptedModel`), since only it holds the weights.
-- :func:`default_act_bits`: 16 fractional bits when a plan approximates a
-  smooth function, 12 otherwise.
+- :func:`default_act_bits`: 12 fractional bits, or what the plan's ops need
+  for their documented error (16 for approximations, 20 for LayerNorm).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from .registry import Fixed
 
 __all__ = [
     "DEFAULT_ACT_BITS",
-    "APPROXIMATION_ACT_BITS",
     "DEFAULT_RANGE_BITS",
     "comparison_bound",
     "comparison_bits_for",
@@ -43,9 +42,8 @@ __all__ = [
     "RING_LIMIT_BITS",
 ]
 
-#: fractional bits of activations for plans of exact ops, and for plans that approximate
+#: fractional bits of activations for plans of exact ops (others need more: OpKind.min_act_bits)
 DEFAULT_ACT_BITS = 12
-APPROXIMATION_ACT_BITS = 16
 #: compared values stay below 2^DEFAULT_RANGE_BITS = 512 in magnitude (the default comparison domain)
 DEFAULT_RANGE_BITS = 9
 #: a value about to be truncated must stay below 2^62 in ring units (mpc.ring)
@@ -81,9 +79,8 @@ def comparison_bits_for(act_bits: int, peak: float = 2.0**DEFAULT_RANGE_BITS) ->
 
 
 def default_act_bits(plan: Plan) -> int:
-    """Activation bits for a plan: more when an op approximates a smooth function (exp, 1/x, 1/sqrt)."""
-    approximate = any(KINDS[op.kind].approximate for op in plan.ops)
-    return APPROXIMATION_ACT_BITS if approximate else DEFAULT_ACT_BITS
+    """Activation bits for a plan: 12, or the most any of its ops needs for its documented error."""
+    return max([DEFAULT_ACT_BITS, *(KINDS[op.kind].min_act_bits for op in plan.ops)])
 
 
 def check_ring(plan: Plan, weights: Mapping[str, np.ndarray], fixed: Fixed, bounds: float | Mapping[str, float], *,

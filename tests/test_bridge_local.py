@@ -177,3 +177,17 @@ def test_three_role_commands_over_the_network(clinic, tmp_path):
     _check_results(out, images, model, weights)
     # only the data owner wrote results
     assert "results written" in outs[2][0] and "results written" not in outs[1][0]
+
+
+def test_infer_local_segmentation_unet_keeps_the_output_shape():
+    """A U-Net (ConvTranspose2d and bilinear Upsample decoders, skip concatenations) end to end, three processes."""
+    from .bridge_models import unet
+
+    model = unet(in_channels=1, classes=3, width=4)
+    x = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    result = bridge.infer_local(model, x)
+    with torch.no_grad():
+        ref = model(x).double().numpy()
+    assert result.logits.shape == ref.shape == (1, 3, 16, 16)
+    assert np.abs(result.logits - ref).max() <= REL_TOL * np.abs(ref).max()
+    assert result.stats["rounds"] > 0 and result.stats["bytes"] > 0

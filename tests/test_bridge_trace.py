@@ -52,7 +52,8 @@ def _check_plaintext(model: nn.Module, shape: tuple[int, ...], batch: int = 2, r
 )
 def test_torchvision_models_convert_and_match(name, size):
     torch.manual_seed(0)
-    extra = {"image_size": size} if name.startswith("vit") else {"aux_logits": False} if name == "googlenet" else {}
+    extra = {"image_size": size} if name.startswith("vit") else \
+        {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
     model = randomize_zero_heads(realistic(torchvision.models.get_model(name, weights=None, num_classes=7, **extra)))
     converted = _check_plaintext(model, (3, size, size), rtol=1e-4)
     assert converted.plan.output_shape == (7,)

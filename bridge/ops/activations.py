@@ -7,7 +7,7 @@ comparison domain.
 Approximated, each a one-line composition of the engine's functions (see
 :func:`silu` and the others below; swap the line when the engine offers a
 better one).  Absolute errors against torch's exact function at 16 fractional
-bits (the default for plans that approximate), as :data:`ERROR_BOUNDS` states
+bits (the least a plan that approximates runs at), as :data:`ERROR_BOUNDS` states
 them and ``tests/test_bridge_ops.py`` checks them over [-20, 20] and at
 ±100; the comparison domain must hold the magnitudes each compares
 (:attr:`~bridge.registry.OpKind.compares`):
@@ -204,7 +204,7 @@ SIGMOID = OpKind(
     plaintext=lambda op, xs, p: _sigmoid_float(xs[0]),
     encrypted=lambda m, op, xs: xs[0].act.sigmoid(),
     compares=lambda op, r, out: r[0] + nonlinear.EXP_CLAMP,
-    approximate=True,
+    min_act_bits=16,
     torch=(TorchRule(("nn.Sigmoid", "torch.sigmoid", "F.sigmoid", "Tensor.sigmoid"), _unary("sigmoid")),),
 )
 
@@ -214,7 +214,7 @@ TANH = OpKind(
     plaintext=lambda op, xs, p: np.tanh(xs[0]),
     encrypted=lambda m, op, xs: xs[0].act.tanh(),
     compares=lambda op, r, out: 2 * r[0] + nonlinear.EXP_CLAMP,
-    approximate=True,
+    min_act_bits=16,
     torch=(TorchRule(("nn.Tanh", "torch.tanh", "F.tanh", "Tensor.tanh"), _unary("tanh")),),
 )
 
@@ -225,7 +225,7 @@ SILU = OpKind(
     encrypted=lambda m, op, xs: silu(xs[0].act),
     compares=lambda op, r, out: r[0] + nonlinear.EXP_CLAMP,
     ring=_product_ring,
-    approximate=True,
+    min_act_bits=16,
     torch=(TorchRule(("nn.SiLU", "F.silu"), _unary("silu")),),
 )
 
@@ -264,7 +264,7 @@ GELU = OpKind(
     encrypted=lambda m, op, xs: gelu(xs[0].act),
     compares=lambda op, r, out: max(r[0] + _GELU_CLAMP, _GELU_ARGUMENT + nonlinear.EXP_CLAMP),
     ring=lambda op, b, p, f: ring_bits(_GELU_CLAMP * _GELU_ARGUMENT, 2 * f.act_bits),
-    approximate=True,
+    min_act_bits=16,
     torch=(TorchRule(("nn.GELU", "F.gelu"), _gelu_rule),),
 )
 
@@ -289,7 +289,7 @@ SOFTMAX = OpKind(
     plaintext=lambda op, xs, p: softmax_float(xs[0], op.attrs["axis"]),
     encrypted=lambda m, op, xs: xs[0].act.softmax(axis=op.attrs["axis"]),
     compares=lambda op, r, out: max(2 * r[0] + nonlinear.EXP_CLAMP, float(op.shape[op.attrs["axis"] - 1])),
-    approximate=True,
+    min_act_bits=16,
     torch=(TorchRule(("nn.Softmax", "F.softmax", "torch.softmax", "Tensor.softmax"), _softmax_rule),),
 )
 

@@ -7,7 +7,7 @@ n values:
 
   mean = Σx / n               (local sum; one truncation of the row means)
   d = x - mean
-  var = Σ d² / n              (one Beaver product; two truncations of the row sums)
+  var = Σ d² / n              (one Beaver product, its truncation, one truncation of the row sums)
   r = 1/sqrt(var + eps)       (mpc ``inv_sqrt``: comparisons [var >= 2^j] for the
                                guess, then Goldschmidt; |err| <= 4e-5 + 5e-4 |r| at 16 bits)
   y = d r                     (one Beaver product)
@@ -29,7 +29,7 @@ from mpc.tensor import SharedTensor
 
 from ..plan import Op
 from ..registry import Fixed, OpKind, Operand, Refusal, TorchRule, ring_bits
-from .scaling import times_public
+from .scaling import factor_bits, times_public
 from .shape import trace_reshape
 
 __all__ = ["RECORDS", "inv_sqrt_exponents"]
@@ -59,8 +59,9 @@ def _ln_secure(m: Any, op: Op, xs: list[Operand]) -> SharedTensor:
     n = int(np.prod([x.shape[a] for a in axes]))
     mean = times_public(x.sum(axis=axes, keepdims=True), 1.0 / n).rescale(f)
     d = x - mean
-    squares = SharedTensor(ctx, beaver(ctx, d.share, d.share, "mul"), 2 * d.frac_bits)
-    var = times_public(squares.sum(axis=axes, keepdims=True).rescale(f), 1.0 / n).rescale(f)
+    # squares truncated one by one, so that their sum over a long row has the headroom of the activation scale
+    squares = SharedTensor(ctx, beaver(ctx, d.share, d.share, "mul"), 2 * d.frac_bits).rescale(f)
+    var = times_public(squares.sum(axis=axes, keepdims=True), 1.0 / n).rescale(f)
     r = (var + float(op.attrs["eps"])).inv_sqrt(exponents=inv_sqrt_exponents(f, ctx.comparison_bits))
     return SharedTensor(ctx, beaver(ctx, d.share, r.share, "mul"), d.frac_bits + r.frac_bits)
 
@@ -68,8 +69,10 @@ def _ln_secure(m: Any, op: Op, xs: list[Operand]) -> SharedTensor:
 def _ln_ring(op: Op, b: list[float], p: list[np.ndarray], f: Fixed) -> float:
     n = float(np.prod(op.shape[-int(op.attrs["dims"]):]))  # the row size (layer_norm keeps the shape)
     diff = 2 * b[0]
-    return max(ring_bits(n * diff * diff, 2 * f.act_bits),  # Σ d² before its truncation
-               ring_bits(math.sqrt(n), 2 * f.act_bits))  # d r: normalised values, |y| <= sqrt(n)
+    return max(ring_bits(diff * diff, 2 * f.act_bits),  # each d² before its truncation
+               ring_bits(n * diff * diff, f.act_bits) + factor_bits(1.0 / n),  # Σ d² / n before its truncation
+               ring_bits(b[0], f.act_bits + factor_bits(1.0 / n)),  # the mean before its truncation
+               ring_bits(math.sqrt(n), 2 * f.act_bits + 2))  # d r: normalised, |y| <= sqrt(n); r carries ~2 bits more
 
 
 # -- trace rules ---------------------------------------------------------------------------------------
@@ -178,7 +181,7 @@ LAYER_NORM = OpKind(
     encrypted=_ln_secure,
     compares=lambda op, r, out: 2 * r[0] * r[0] + float(op.attrs["eps"]),
     ring=_ln_ring,
-    approximate=True,
+    min_act_bits=20,
     torch=(TorchRule(("nn.LayerNorm",), _ln_module), TorchRule(("F.layer_norm",), _ln_function),
            TorchRule(("nn.GroupNorm",), _group_norm_module),
            TorchRule(("nn.InstanceNorm1d", "nn.InstanceNorm2d", "nn.InstanceNorm3d"), _instance_norm_module)),
