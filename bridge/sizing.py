@@ -115,15 +115,18 @@ def check_ring(plan: Plan, weights: Mapping[str, np.ndarray], fixed: Fixed, boun
 
 def check_weights(plan: Plan, weights: Mapping[str, np.ndarray], fixed: Fixed,
                   activation_bound: float | Mapping[str, float] | None = None) -> None:
-    """The ring check of every layer with the owner's weights.
+    """The ring check of every layer with the owner's weights (of every layer, given a range per value).
 
     Activations are taken to be at most ``activation_bound`` (one bound, or one
-    per value, e.g. the ranges a model card states), by default the comparison
+    per value name, e.g. the ranges a model card states), by default the comparison
     domain's bound ``fixed.compare_limit``: a compared magnitude beyond it fails
     its comparison, so that is what the comparisons guarantee.  A domain much
     wider than the activations need makes this check (rightly) strict.
     """
     with_weights = {kind for kind, record in KINDS.items() if "weight" in record.params}
+    if isinstance(activation_bound, Mapping):  # a range for every value: every op can be checked
+        check_ring(plan, weights, fixed, activation_bound)
+        return
     if activation_bound is not None:
         check_ring(plan, weights, fixed, activation_bound, kinds=with_weights)
         return

@@ -25,6 +25,7 @@ def _check_plaintext(model: nn.Module, shape: tuple[int, ...], batch: int = 2, r
     out = run_plaintext(converted.plan, converted.weights, x.numpy(), final_softmax=True)
     assert out.shape == ref.shape
     np.testing.assert_allclose(out, ref, rtol=0, atol=rtol * max(1.0, np.abs(ref).max()))
+    assert len(converted.plan.digest()) == 64  # every record is plain data
     return converted
 
 

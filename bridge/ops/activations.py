@@ -183,6 +183,21 @@ CLAMP = OpKind(
 )
 
 
+def _leaky_rule(t: Any, c: Any) -> None:
+    slope = c.module.negative_slope if c.module is not None else t.static(c.arg(1, "negative_slope", 0.01))
+    t.emit(c, "leaky_relu", [t.tensor(c.arg(0, "input"))], {"slope": float(slope)})
+
+
+LEAKY_RELU = OpKind(
+    kind="leaky_relu",
+    summary="LeakyReLU",
+    plaintext=lambda op, xs, p: np.where(xs[0] >= 0, xs[0], xs[0] * op.attrs["slope"]),
+    encrypted=lambda m, op, xs: xs[0].act.relu() * (1 - op.attrs["slope"]) + xs[0].act * op.attrs["slope"],
+    compares=compares_input,
+    torch=(TorchRule(("nn.LeakyReLU", "F.leaky_relu"), _leaky_rule),),
+)
+
+
 # -- approximated activations ---------------------------------------------------------------------
 def _unary(kind: str):
     """A trace rule emitting ``kind`` on the first argument (in-place forms rebind it)."""
@@ -293,4 +308,4 @@ SOFTMAX = OpKind(
     torch=(TorchRule(("nn.Softmax", "F.softmax", "torch.softmax", "Tensor.softmax"), _softmax_rule),),
 )
 
-RECORDS = (RELU, CLAMP, SIGMOID, TANH, SILU, HARDSIGMOID, HARDSWISH, GELU, SOFTMAX)
+RECORDS = (RELU, CLAMP, LEAKY_RELU, SIGMOID, TANH, SILU, HARDSIGMOID, HARDSWISH, GELU, SOFTMAX)
