@@ -191,3 +191,15 @@ def test_infer_local_segmentation_unet_keeps_the_output_shape():
     assert result.logits.shape == ref.shape == (1, 3, 16, 16)
     assert np.abs(result.logits - ref).max() <= REL_TOL * np.abs(ref).max()
     assert result.stats["rounds"] > 0 and result.stats["bytes"] > 0
+
+
+def test_infer_local_refuses_a_weight_that_would_overflow_the_ring():
+    """One weight of 1e12: refused with the layer named, never a wrong class."""
+    from bridge.errors import RingOverflowError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    with torch.no_grad():
+        model[3].weight[0, 0] = 1e12
+    with pytest.raises(RingOverflowError, match=r"layer 3 \(linear"):
+        bridge.infer_local(model, torch.randn(1, 1, 8, 8))
