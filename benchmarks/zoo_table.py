@@ -43,7 +43,7 @@ if __name__ != "__mp_main__":
     import torchvision
 
     import bridge
-    from mpc.errors import UnsupportedModelError
+    from mpc.errors import PrimiaError, UnsupportedModelError
     from tests.bridge_models import randomize_zero_heads, realistic
 
 #: the 22 architectures issue 13 counts: 12 that converted before it, 10 that did not
@@ -54,8 +54,10 @@ ISSUE_ZOO = (
     "shufflenet_v2_x0_5", "convnext_tiny", "vit_b_16", "swin_t",
 )
 _SIZES = {"alexnet": 64, "inception_v3": 75}
+# Inception v3's legacy initialisation (truncated normal, std 0.1) makes activations reach 1e8 through its 94
+# convolutions at random BatchNorm statistics; torch's default initialisation keeps them near 1.
 _EXTRA = {"googlenet": {"aux_logits": False, "init_weights": True},
-          "inception_v3": {"aux_logits": False, "init_weights": True}}
+          "inception_v3": {"aux_logits": False, "init_weights": False}}
 #: larger than this many parameters: listed, not run (each party holds several copies of the weights)
 MAX_PARAMS = 150_000_000
 
@@ -89,7 +91,10 @@ def run(name: str, repeat: int) -> dict:
     with torch.no_grad():
         ref = model.double()(x.double()).numpy()
     model.float()
-    runs = [bridge.infer_local(model, x) for _ in range(repeat)]
+    try:
+        runs = [bridge.infer_local(model, x) for _ in range(repeat)]
+    except PrimiaError as exc:  # refused (e.g. the ring check): reported, and the table goes on
+        return {**row, "converts": "yes", "skipped": f"refused: {str(exc).splitlines()[0][:120]}"}
     result = runs[0]
     seconds = [r.stats["seconds"] for r in runs]
     return {

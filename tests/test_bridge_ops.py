@@ -17,7 +17,7 @@ from bridge.secure import EncryptedModel
 from bridge.sizing import comparison_bits_for, comparison_bound, default_act_bits
 from bridge.trace import convert
 
-from .bridge_models import randomize_zero_heads, realistic, unet
+from .bridge_models import randomize_zero_heads, unet
 
 REL_TOL = 1e-2  # of the largest logit (docs/inference.md)
 
