@@ -7,8 +7,8 @@
 Each model: torchvision's architecture with ``weights=None`` (seeded), 10
 classes, BatchNorm statistics as after training and a random head where
 torchvision initialises it to zero (tests/bridge_models.py), one image at a
-small input (32x32; 64 for AlexNet, 75 for Inception v3; ViT built for 32x32
-images), run by :func:`bridge.infer_local`: three processes on 127.0.0.1 (data
+small input (32x32; 64 for AlexNet, 75 for Inception v3, 224 for MaxViT; ViT built
+for 32x32 images), run by :func:`bridge.infer_local`: three processes on 127.0.0.1 (data
 owner, model server, dealer), fixed point sized from the batch.  Reported:
 
 - converts: yes, or the first thing refused;
@@ -43,7 +43,7 @@ if __name__ != "__mp_main__":
     import torchvision
 
     import bridge
-    from mpc.errors import PrimiaError, UnsupportedModelError
+    from mpc.errors import ConfigError, PrimiaError, UnsupportedModelError
     from tests.bridge_models import randomize_zero_heads, realistic
 
 #: the 22 architectures issue 13 counts: 12 that converted before it, 10 that did not
@@ -53,7 +53,7 @@ ISSUE_ZOO = (
     "squeezenet1_0", "squeezenet1_1", "googlenet", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf",
     "shufflenet_v2_x0_5", "convnext_tiny", "vit_b_16", "swin_t",
 )
-_SIZES = {"alexnet": 64, "inception_v3": 75}
+_SIZES = {"alexnet": 64, "inception_v3": 75, "maxvit_t": 224}
 # Inception v3's legacy initialisation (truncated normal, std 0.1) makes activations reach 1e8 through its 94
 # convolutions at random BatchNorm statistics; torch's default initialisation keeps them near 1.
 _EXTRA = {"googlenet": {"aux_logits": False, "init_weights": True},
@@ -82,6 +82,8 @@ def run(name: str, repeat: int) -> dict:
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
     try:
         bridge.convert(model, x.shape[1:])
+    except ConfigError as exc:
+        return {**row, "converts": f"does not run at {size}x{size}: {str(exc).splitlines()[0][:80]}"}
     except UnsupportedModelError as exc:
         first = exc.blockers[0] if getattr(exc, "blockers", None) else None
         reason = f"{first.what}: {first.why}" if first else str(exc).splitlines()[0]

@@ -160,8 +160,11 @@ class EncryptedModel:
         _, self.comparison_bits = check_comparison_options(ctx.comparison, comparison_bits, ctx.parties)
         self.fixed = Fixed(act_bits, weight_bits, self.comparison_bits)
         check_kinds(plan)
-        _check_same_setup(ctx, plan, act_bits, weight_bits, self.comparison_bits)
         layout = param_layout(plan)
+        multiplied = [name for name, (_, role) in layout.items() if role == "weight"]
+        idents = dict(zip(multiplied, ctx.private_ids(len(multiplied))))
+        # the mask ids are in the check: parties that drew different ids would combine different masks
+        _check_same_setup(ctx, plan, act_bits, weight_bits, self.comparison_bits, list(idents.values())[:1])
         ring = None
         if ctx.rank == owner:
             if weights is None:
@@ -170,8 +173,6 @@ class EncryptedModel:
             ring = encode_weights(plan, weights, act_bits=self.act_bits, weight_bits=self.weight_bits)
         self.weights: dict[str, PrivateTensor] = {}
         self.offsets: dict[str, np.ndarray] = {}
-        multiplied = [name for name, (_, role) in layout.items() if role == "weight"]
-        idents = dict(zip(multiplied, ctx.private_ids(len(multiplied))))
         for name, (shape, role) in layout.items():
             value = None if ring is None else ring[name]
             if role == "weight":
@@ -179,7 +180,6 @@ class EncryptedModel:
             else:
                 # an added parameter is a sharing as it stands: the owner's value, zeros elsewhere
                 self.offsets[name] = value if value is not None else np.zeros(shape, dtype=np.int64)
-        self.roles = {name: role for name, (_, role) in layout.items()}
         _prepare_all(ctx, owner, list(self.weights.values()))
         self._requests: dict[tuple[int, ...], list[tuple[str, dict]]] = {}
 
@@ -336,9 +336,11 @@ class OpProfile:
         self.last = now
 
 
-def _check_same_setup(ctx: mpc.Context, plan: Plan, act_bits: int, weight_bits: int, comparison_bits: int) -> None:
-    """Both parties must run the same plan with the same fixed-point settings (1 round, 32 bytes)."""
-    settings = f"{plan.digest()}/{act_bits}/{weight_bits}/{comparison_bits}/{ctx.truncation}/{ctx.comparison}"
+def _check_same_setup(ctx: mpc.Context, plan: Plan, act_bits: int, weight_bits: int, comparison_bits: int,
+                      mask_ids: list[int]) -> None:
+    """Both parties must run the same plan with the same settings and mask ids (1 round, 32 bytes)."""
+    settings = (f"{plan.digest()}/{act_bits}/{weight_bits}/{comparison_bits}/{ctx.truncation}/{ctx.comparison}/"
+                f"{mask_ids}")
     digest = np.frombuffer(hashlib.sha256(settings.encode()).digest(), dtype=np.uint8)
     peers = ctx.comm.peers
     got = ctx.comm.exchange({p: digest for p in peers}, {p: (digest.shape, np.uint8) for p in peers})
@@ -346,7 +348,8 @@ def _check_same_setup(ctx: mpc.Context, plan: Plan, act_bits: int, weight_bits: 
         if not np.array_equal(theirs, digest):
             raise ProtocolError(peer, "runs a different model or fixed-point setting (plan and settings digests "
                                       "differ); both parties must convert the same model at the same input size "
-                                      "with the same act_bits, weight_bits, comparison bits and truncation")
+                                      "with the same act_bits, weight_bits, comparison bits and truncation, "
+                                      "and load their models in the same order")
 
 
 def _prepare_all(ctx: mpc.Context, owner: int, tensors: list[PrivateTensor]) -> None:

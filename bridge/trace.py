@@ -380,7 +380,7 @@ class Tracer:
         if isinstance(x, fx.Node) and c.node.name in self.refs:
             self.refs[x.name] = self.refs[c.node.name]
 
-    def data(self, v: Any, c: Call | None = None) -> str:
+    def data(self, v: Any) -> str:
         """An activation, or a model tensor expanded over the batch (its batch slices equal) as a ``param`` op."""
         if self.is_tensor(v):
             return self.tensor(v)

@@ -16,6 +16,7 @@ from bridge.plaintext import measure_ranges, run_plaintext
 from bridge.secure import EncryptedModel
 from bridge.sizing import comparison_bits_for, comparison_bound, default_act_bits
 from bridge.trace import convert
+from mpc.errors import UnsupportedModelError
 
 from .bridge_models import randomize_zero_heads, unet
 
@@ -322,3 +323,31 @@ def test_unet_per_pixel_logits_encrypted():
     top2 = np.sort(ref, axis=1)[:, -2:]
     clear = (top2[:, 1] - top2[:, 0]) > 2 * REL_TOL * np.abs(ref).max()
     assert (enc.argmax(1) == ref.argmax(1))[clear].all()
+
+
+class Einsum(nn.Module):
+    """MaxViT's attention products, written as einsums."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):  # (B, G, P, 8)
+        q, k, v = torch.chunk(self.qkv(x), 3, dim=-1)
+        s = torch.einsum("B G I D, B G J D -> B G I J", q, k) * 0.3
+        out = torch.einsum("bgij,bgjd->bgid", F.softmax(s, dim=-1), v)
+        return self.fc(out.mean((1, 2)))
+
+
+def test_einsum_as_a_batched_matrix_product():
+    torch.manual_seed(0)
+    converted, _, _ = check(Einsum(), _batch(2, 3, 4, 8))
+    assert converted.plan.counts()["matmul"] == 2
+    with pytest.raises(UnsupportedModelError, match="einsum .bii->bi.; to fix: write it as a matrix product"):
+        convert(_Trace().eval(), (4, 4))
+
+
+class _Trace(nn.Module):
+    def forward(self, x):
+        return torch.einsum("bii->bi", x)

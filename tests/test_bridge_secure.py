@@ -340,3 +340,15 @@ def test_comparison_bound_counts_differences_and_shifts():
     assert ranges["add"] == 53.0
     assert comparison_bound(converted.plan, ranges) == 2 * 53.0
     assert ranges[converted.plan.output] <= 1.0
+
+
+def _diverged(ctx, plan, weights):
+    if ctx.rank == 0:
+        ctx.private_ids(1)  # this party drew a mask id the other did not: their masks would not match
+    EncryptedModel(ctx, plan, weights if ctx.rank == 1 else None)
+
+
+def test_parties_whose_mask_ids_diverge_stop_instead_of_combining_wrong_masks():
+    converted = convert(torch.nn.Sequential(torch.nn.Linear(4, 2)).eval(), (4,))
+    with pytest.raises(ProtocolError, match="same order"):
+        mpc.run_local(_diverged, parties=2, args=(converted.plan, converted.weights), timeout_s=30)

@@ -21,6 +21,7 @@ from mpc.tensor import SharedTensor
 from ..plan import Op
 from ..registry import Fixed, OpKind, Operand, Refusal, TorchRule, ring_bits
 from ..windows import col2im
+from .shape import trace_permute
 
 __all__ = ["RECORDS", "conv2d_float", "pair"]
 
@@ -307,13 +308,37 @@ def _matmul_rule(t: Any, c: Any) -> None:
     trace_matmul(t, c, a, b)
 
 
+def _einsum_rule(t: Any, c: Any) -> None:
+    """A two-operand einsum that is a batched matrix product (``"bgid,bgjd->bgij"``): permutes and a matmul."""
+    equation = str(t.static(c.arg(0, "equation"))).replace(" ", "")
+    operands = list(c.args[1:])
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    if "->" not in equation or "." in equation or len(operands) != 2:
+        raise Refusal(f"einsum {equation!r}", "write it as a matrix product of two tensors with an explicit output")
+    (left, right), out = equation.split("->")[0].split(","), equation.split("->")[1]
+    batch = [i for i in out if i in left and i in right]
+    free_a, free_b = [i for i in left if i not in right], [i for i in right if i not in left]
+    inner = [i for i in left if i in right and i not in out]
+    if (len(free_a) != 1 or len(free_b) != 1 or len(inner) != 1 or not batch or batch[0] != left[0]
+            or batch[0] != right[0] or batch[0] != out[0] or sorted(out) != sorted(batch + free_a + free_b)
+            or len(set(left)) != len(left) or len(set(right)) != len(right)):
+        raise Refusal(f"einsum {equation!r} is not a batched matrix product", "use matmul")
+    a = trace_permute(t, c, operands[0], tuple(left.index(i) for i in batch + free_a + inner), "a")
+    b = trace_permute(t, c, operands[1], tuple(right.index(i) for i in batch + inner + free_b), "b")
+    product = trace_matmul(t, c, a, b, "product")
+    order = batch + free_a + free_b
+    t.alias(c, trace_permute(t, c, product, tuple(order.index(i) for i in out), "out"))
+
+
 MATMUL = OpKind(
     kind="matmul",
-    summary="matrix product of two tensors (attention scores and weighted values; batched, broadcasting)",
+    summary="matrix product of two tensors (attention scores and weighted values; batched, broadcasting; einsum of that form)",
     plaintext=lambda op, xs, p: xs[0] @ xs[1],
     encrypted=_matmul_secure,
     ring=lambda op, b, p, f: ring_bits(op.attrs["inner"] * b[0] * b[1], 2 * f.act_bits),
-    torch=(TorchRule(("torch.matmul", "operator.matmul", "torch.bmm", "Tensor.matmul", "Tensor.bmm"), _matmul_rule),),
+    torch=(TorchRule(("torch.matmul", "operator.matmul", "torch.bmm", "Tensor.matmul", "Tensor.bmm"), _matmul_rule),
+           TorchRule(("torch.einsum",), _einsum_rule)),
 )
 
 RECORDS = (CONV2D, CONV_TRANSPOSE2D, LINEAR, AFFINE, MUL, MATMUL)
