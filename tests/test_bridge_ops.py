@@ -241,9 +241,10 @@ def test_scaled_dot_product_attention():
 class SwinBlocks(nn.Module):
     """Two torchvision Swin blocks (plain and shifted windows) on a map that needs padding to whole windows."""
 
-    def __init__(self) -> None:
+    def __init__(self, version: int = 1) -> None:
         super().__init__()
-        block = torchvision.models.swin_transformer.SwinTransformerBlock
+        swin = torchvision.models.swin_transformer
+        block = swin.SwinTransformerBlock if version == 1 else swin.SwinTransformerBlockV2
         self.a = block(8, 2, [4, 4], [0, 0], stochastic_depth_prob=0.0)
         self.b = block(8, 2, [4, 4], [2, 2], stochastic_depth_prob=0.0)
         self.fc = nn.Linear(8, 3)
@@ -252,11 +253,13 @@ class SwinBlocks(nn.Module):
         return self.fc(self.b(self.a(x)).mean((1, 2)))
 
 
-def test_swin_window_attention_with_shift_and_padding():
+@pytest.mark.parametrize("version", [1, 2])
+def test_swin_window_attention_with_shift_and_padding(version):
     torch.manual_seed(0)
-    converted, _, _ = check(SwinBlocks(), _batch(2, 6, 6, 8))
+    converted, _, _ = check(SwinBlocks(version), _batch(2, 6, 6, 8))
     counts = converted.plan.counts()
     assert counts["roll"] == 2 and counts["add_const"] >= 1 and counts["bias"] == 2
+    assert counts.get("l2_normalize", 0) == (4 if version == 2 else 0)  # cosine attention: q and k, two blocks
 
 
 # -- resampling and transposed convolutions -------------------------------------------------------------------

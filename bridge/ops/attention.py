@@ -10,7 +10,7 @@ Multi-head attention (``nn.MultiheadAttention``, ``F.scaled_dot_product_attentio
   o = a v                         one Beaver product
   out = o W_o                     one owned product
 
-Swin's window attention (torchvision's ``shifted_window_attention``) adds
+Swin's window attention (torchvision's ``shifted_window_attention``, V1 and V2's cosine attention) adds
 padding to whole windows, a cyclic shift (``roll``), the window partition
 (reshapes and permutes, the batch kept first), the model's relative position
 bias (a ``bias`` with the owner's values) and the public shift mask (0 or -100,
@@ -45,8 +45,13 @@ def _folded_qkv(weight: np.ndarray, bias: np.ndarray | None, embed: int, head_di
     return w, b
 
 
+def _transposed(t: Any, c: Any, k: str, tag: str = "kT") -> str:
+    ndim = len(t.shape(k)) + 1
+    return trace_permute(t, c, k, tuple(range(ndim - 2)) + (ndim - 1, ndim - 2), tag)
+
+
 def _heads(t: Any, c: Any, joint: str, length_axis_shape: tuple[int, ...], heads: int, head_dim: int) -> list[str]:
-    """(N, *lead, L, 3E) -> q, k^T, v with heads split: (N, *lead, h, L, d), (N, *lead, h, d, L), (N, *lead, h, L, d)."""
+    """(N, *lead, L, 3E) -> q, k, v with heads split, each (N, *lead, h, L, d)."""
     lead = length_axis_shape[:-1]
     length = length_axis_shape[-1]
     n = len(lead)
@@ -54,10 +59,7 @@ def _heads(t: Any, c: Any, joint: str, length_axis_shape: tuple[int, ...], heads
     # (N, *lead, L, 3, h, d) -> (N, 3, *lead, h, L, d)
     perm = (0, n + 2) + tuple(range(1, n + 1)) + (n + 3, n + 1, n + 4)
     moved = trace_permute(t, c, split, perm, "heads")
-    q, k, v = (trace_index(t, c, moved, [["i", j]], name) for j, name in enumerate(("q", "k", "v")))
-    ndim = len(t.shape(k)) + 1
-    kt = trace_permute(t, c, k, tuple(range(ndim - 2)) + (ndim - 1, ndim - 2), "kT")
-    return [q, kt, v]
+    return [trace_index(t, c, moved, [["i", j]], name) for j, name in enumerate(("q", "k", "v"))]
 
 
 def _attend(t: Any, c: Any, q: str, kt: str, v: str, mask: Any = None) -> str:
@@ -100,7 +102,8 @@ def _mha_rule(t: Any, c: Any) -> None:
     if m._qkv_same_embed_dim and query is key and key is value:
         w, b = _folded_qkv(t.array(m.in_proj_weight), in_bias, embed, head_dim)
         joint = _linear(t, c, t.tensor(query), w, b, "qkv")
-        q, kt, v = _heads(t, c, joint, lead + (length,), heads, head_dim)
+        q, k, v = _heads(t, c, joint, lead + (length,), heads, head_dim)
+        kt = _transposed(t, c, k)
     else:
         if m._qkv_same_embed_dim:
             w = t.array(m.in_proj_weight)
@@ -120,8 +123,7 @@ def _mha_rule(t: Any, c: Any) -> None:
             perm = (0,) + tuple(range(1, n + 1)) + (n + 2, n + 1, n + 3)
             split.append(trace_permute(t, c, r, perm, f"{name}_heads"))
         q, k, v = split
-        ndim = len(t.shape(k)) + 1
-        kt = trace_permute(t, c, k, tuple(range(ndim - 2)) + (ndim - 1, ndim - 2), "kT")
+        kt = _transposed(t, c, k)
     mixed = _attend(t, c, q, kt, v)
     merged = _merge_heads(t, c, mixed, lead, length, embed)
     out = _linear(t, c, merged, t.array(m.out_proj.weight), t.array(m.out_proj.bias), "out")
@@ -146,8 +148,7 @@ def _sdpa_rule(t: Any, c: Any) -> None:
     scale = t.static(c.kwargs.get("scale", None))
     head_dim = t.shape(q)[-1]
     scale = 1.0 / np.sqrt(head_dim) if scale is None else float(scale)
-    ndim = len(t.shape(k)) + 1
-    kt = trace_permute(t, c, k, tuple(range(ndim - 2)) + (ndim - 1, ndim - 2), "kT")
+    kt = _transposed(t, c, k)
     scaled = trace_scale(t, c, q, scale, "q_scaled")
     t.alias(c, _attend(t, c, scaled, kt, t.tensor(v)))
 
@@ -169,9 +170,9 @@ def _shift_mask(pad_h: int, pad_w: int, window: tuple[int, int], shift: tuple[in
 
 def _swin_rule(t: Any, c: Any) -> None:
     x = c.arg(0, "input")
-    if c.arg(11, "logit_scale", None) is not None:
-        raise Refusal("cosine attention (Swin V2) normalises queries and keys",
-                      "use Swin V1 (swin_t, swin_s, swin_b)")
+    logit_scale = t.constant(c.arg(11, "logit_scale", None))
+    if c.arg(11, "logit_scale", None) is not None and logit_scale is None:
+        raise Refusal("cosine attention whose logit scale is computed from the input")
     if t.static(c.arg(12, "training", True)) and (t.static(c.arg(7, "attention_dropout", 0.0))
                                                   or t.static(c.arg(8, "dropout", 0.0))):
         raise Refusal("window attention with dropout in training mode", "call model.eval() first")
@@ -199,11 +200,20 @@ def _swin_rule(t: Any, c: Any) -> None:
     y = trace_permute(t, c, y, (0, 1, 3, 2, 4, 5), "windowed")
     y = trace_reshape(t, c, y, "windows", (nh * nw, length, ch))
     head_dim = ch // heads
-    wq, bq = _folded_qkv(qkv_w, qkv_b, ch, head_dim)
-    joint = _linear(t, c, y, wq, bq, "qkv")
-    q, kt, v = _heads(t, c, joint, (nh * nw, length), heads, head_dim)
+    if logit_scale is None:  # Swin V1: scaled dot products, 1/sqrt(d) folded into the queries
+        wq, bq = _folded_qkv(qkv_w, qkv_b, ch, head_dim)
+        q, k, v = _heads(t, c, _linear(t, c, y, wq, bq, "qkv"), (nh * nw, length), heads, head_dim)
+    else:  # Swin V2: cosine attention (no key bias), scaled per head by exp(min(logit_scale, log 100))
+        bq = None if qkv_b is None else np.concatenate([qkv_b[:ch], np.zeros(ch), qkv_b[2 * ch:]])
+        q, k, v = _heads(t, c, _linear(t, c, y, qkv_w, bq, "qkv"), (nh * nw, length), heads, head_dim)
+        q = t.sub(c, "q_unit", "l2_normalize", [q], {"axis": len(t.shape(q)), "eps": 1e-12})
+        k = t.sub(c, "k_unit", "l2_normalize", [k], {"axis": len(t.shape(k)), "eps": 1e-12})
+    kt = _transposed(t, c, k)
 
     def masked(scores: str) -> str:
+        if logit_scale is not None:
+            scale = np.exp(np.minimum(logit_scale, np.log(100.0))).reshape((heads, 1, 1))
+            scores = t.sub(c, "logit_scale", "affine", [scores], {}, {"scale": scale, "shift": np.zeros_like(scale)})
         out = t.sub(c, "rel_bias", "bias", [scores], {}, {"value": rel_bias.reshape((1, heads, length, length))})
         if shifted:
             out = trace_add_const(t, c, out, _shift_mask(ph, pw, window, (shift[0], shift[1])), "shift_mask")

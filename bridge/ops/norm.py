@@ -7,9 +7,11 @@ n values:
 
   mean = Σx / n               (local sum; one truncation of the row means)
   d = x - mean
-  var = Σ d² / n              (one Beaver product, its truncation, one truncation of the row sums)
-  r = 1/sqrt(var + eps)       (mpc ``inv_sqrt``: comparisons [var >= 2^j] for the
-                               guess, then Goldschmidt; |err| <= 4e-5 + 5e-4 |r| at 16 bits)
+  var = Σ d² / n              (one Beaver product, its truncation, one truncation of the row sums;
+                               kept at 8 more fractional bits than the activations, so that rows
+                               of small values keep their precision)
+  r = 1/sqrt(var + eps)       (mpc ``inv_sqrt``: comparisons [var >= 2^j] for the guess, in a
+                               domain 8 bits wider, then Goldschmidt)
   y = d r                     (one Beaver product)
 
 The guess's exponents j run up to the comparison domain (2^j < limit / 4), so
@@ -25,6 +27,8 @@ from typing import Any
 import numpy as np
 
 from mpc.protocols.beaver import beaver
+from mpc.protocols.compare import MAX_BITS
+from mpc.ring import encode
 from mpc.tensor import SharedTensor
 
 from ..plan import Op
@@ -35,9 +39,36 @@ from .shape import trace_reshape
 __all__ = ["RECORDS", "inv_sqrt_exponents"]
 
 
+#: extra fractional bits of a variance (or a sum of squares) over the activations': a row of small values
+#: (var 1e-4) would otherwise keep 2 significant digits at 20 bits
+VARIANCE_EXTRA_BITS = 8
+
+
 def inv_sqrt_exponents(act_bits: int, comparison_bits: int) -> list[int]:
-    """The guess's exponents: from 2^-(f-2) up to a quarter of the comparison domain's bound."""
-    return list(range(-(act_bits - 2), max(comparison_bits - 3 - act_bits, 1) + 1))
+    """The guess's exponents: from 2^-(f+extra-2) up to a quarter of the comparison domain's bound."""
+    return list(range(-(act_bits + VARIANCE_EXTRA_BITS - 2), max(comparison_bits - 3 - act_bits, 1) + 1))
+
+
+def rsqrt_of_sum(squares: SharedTensor, axes: tuple[int, ...], divisor: int, eps: float) -> SharedTensor:
+    """1/sqrt(Σ squares / divisor + eps) over ``axes`` (kept), for squares at twice the activation scale.
+
+    The sum is kept at ``VARIANCE_EXTRA_BITS`` more fractional bits than the
+    activations, and so is the comparison domain of the guess's comparisons
+    (a per-call widening: these are one comparison per row and exponent).
+    """
+    ctx, f = squares.ctx, squares.ctx.frac_bits
+    saved = ctx.comparison_bits
+    extra = min(VARIANCE_EXTRA_BITS, MAX_BITS - saved)
+    fine = f + extra
+    total = squares.rescale(fine).sum(axis=axes, keepdims=True)  # truncated one by one: headroom for long rows
+    mean = times_public(total, 1.0 / divisor).rescale(fine)
+    eps_share = encode(eps, fine) if ctx.rank == 0 else np.int64(0)
+    shifted = SharedTensor(ctx, mean.share + eps_share, fine)
+    ctx.comparison_bits = saved + extra
+    try:
+        return shifted.inv_sqrt(exponents=inv_sqrt_exponents(f, saved))
+    finally:
+        ctx.comparison_bits = saved
 
 
 def _axes(op: Op, ndim: int) -> tuple[int, ...]:
@@ -59,20 +90,66 @@ def _ln_secure(m: Any, op: Op, xs: list[Operand]) -> SharedTensor:
     n = int(np.prod([x.shape[a] for a in axes]))
     mean = times_public(x.sum(axis=axes, keepdims=True), 1.0 / n).rescale(f)
     d = x - mean
-    # squares truncated one by one, so that their sum over a long row has the headroom of the activation scale
-    squares = SharedTensor(ctx, beaver(ctx, d.share, d.share, "mul"), 2 * d.frac_bits).rescale(f)
-    var = times_public(squares.sum(axis=axes, keepdims=True), 1.0 / n).rescale(f)
-    r = (var + float(op.attrs["eps"])).inv_sqrt(exponents=inv_sqrt_exponents(f, ctx.comparison_bits))
-    return SharedTensor(ctx, beaver(ctx, d.share, r.share, "mul"), d.frac_bits + r.frac_bits)
+    squares = SharedTensor(ctx, beaver(ctx, d.share, d.share, "mul"), 2 * f)
+    r = rsqrt_of_sum(squares, axes, n, float(op.attrs["eps"]))
+    return SharedTensor(ctx, beaver(ctx, d.share, r.share, "mul"), f + r.frac_bits)
 
 
 def _ln_ring(op: Op, b: list[float], p: list[np.ndarray], f: Fixed) -> float:
     n = float(np.prod(op.shape[-int(op.attrs["dims"]):]))  # the row size (layer_norm keeps the shape)
-    diff = 2 * b[0]
-    return max(ring_bits(diff * diff, 2 * f.act_bits),  # each d² before its truncation
-               ring_bits(n * diff * diff, f.act_bits) + factor_bits(1.0 / n),  # Σ d² / n before its truncation
-               ring_bits(b[0], f.act_bits + factor_bits(1.0 / n)),  # the mean before its truncation
-               ring_bits(math.sqrt(n), 2 * f.act_bits + 2))  # d r: normalised, |y| <= sqrt(n); r carries ~2 bits more
+    return _squares_ring(n, 2 * b[0], f)
+
+
+def _squares_ring(n: float, value: float, f: Fixed) -> float:
+    """Ring magnitudes of a row's squares, their sum at the finer scale, and the normalised product."""
+    fine = f.act_bits + VARIANCE_EXTRA_BITS
+    return max(ring_bits(value * value, 2 * f.act_bits),  # each square before its truncation
+               ring_bits(n * value * value, fine) + factor_bits(1.0 / n),  # Σ / n before its truncation
+               ring_bits(value / 2, f.act_bits + factor_bits(1.0 / n)),  # a mean before its truncation
+               ring_bits(math.sqrt(n), 2 * f.act_bits + VARIANCE_EXTRA_BITS + 2))  # x r, |y| <= sqrt(n)
+
+
+# -- L2 normalisation (F.normalize, Swin V2's cosine attention) -----------------------------------------------
+def _l2_plain(op: Op, xs: list[np.ndarray], p: list[np.ndarray]) -> np.ndarray:
+    x = xs[0]
+    norm = np.sqrt((x * x).sum(axis=op.attrs["axis"], keepdims=True))
+    return x / np.maximum(norm, float(op.attrs["eps"]))
+
+
+def _l2_secure(m: Any, op: Op, xs: list[Operand]) -> SharedTensor:
+    x = xs[0].act
+    ctx, f = x.ctx, x.frac_bits
+    squares = SharedTensor(ctx, beaver(ctx, x.share, x.share, "mul"), 2 * f)
+    r = rsqrt_of_sum(squares, (op.attrs["axis"],), 1, 0.0)
+    return SharedTensor(ctx, beaver(ctx, x.share, r.share, "mul"), f + r.frac_bits)
+
+
+def _l2_rule(t: Any, c: Any) -> None:
+    x = c.arg(0, "input")
+    if float(t.static(c.arg(1, "p", 2.0))) != 2.0:
+        raise Refusal("a norm other than p=2", "normalise with p=2")
+    ndim = len(t.shape(x)) + 1
+    axis = int(t.static(c.arg(2, "dim", 1))) % ndim
+    if axis == 0:
+        raise Refusal("normalising along the batch dimension")
+    t.emit(c, "l2_normalize", [t.tensor(x)], {"axis": axis, "eps": float(t.static(c.arg(3, "eps", 1e-12)))})
+
+
+def _l2_row(op: Op) -> float:
+    return float(op.shape[op.attrs["axis"] - 1])
+
+
+L2_NORMALIZE = OpKind(
+    kind="l2_normalize",
+    summary="F.normalize with p=2 (approximated 1/sqrt)",
+    plaintext=_l2_plain,
+    encrypted=_l2_secure,
+    # the sum of squares of a row enters the guess's comparisons (as var does in layer_norm)
+    compares=lambda op, r, out: 2 * _l2_row(op) * r[0] * r[0],
+    ring=lambda op, b, p, f: _squares_ring(_l2_row(op), b[0], f),
+    min_act_bits=20,
+    torch=(TorchRule(("F.normalize",), _l2_rule),),
+)
 
 
 # -- trace rules ---------------------------------------------------------------------------------------
@@ -193,4 +270,4 @@ BATCHNORM_RULES = (
     TorchRule(("F.batch_norm",), _batchnorm_function),
 )
 
-RECORDS = (LAYER_NORM,)
+RECORDS = (LAYER_NORM, L2_NORMALIZE)
