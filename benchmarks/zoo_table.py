@@ -53,7 +53,7 @@ ISSUE_ZOO = (
     "squeezenet1_0", "squeezenet1_1", "googlenet", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf",
     "shufflenet_v2_x0_5", "convnext_tiny", "vit_b_16", "swin_t",
 )
-_SIZES = {"alexnet": 64, "inception_v3": 75, "maxvit_t": 224}
+_SIZES = {"alexnet": 64, "inception_v3": 75, "maxvit_t": 224, "vit_h_14": 28}
 # Inception v3's legacy initialisation (truncated normal, std 0.1) makes activations reach 1e8 through its 94
 # convolutions at random BatchNorm statistics; torch's default initialisation keeps them near 1.
 _EXTRA = {"googlenet": {"aux_logits": False, "init_weights": True},
