@@ -4,10 +4,15 @@
     result = bridge.infer_local(model.eval(), images)   # three processes on 127.0.0.1
     result.logits, result.stats["seconds"], result.stats["rounds"], result.stats["bytes"]
 
+- :mod:`bridge.ops`: every layer type, one :class:`~bridge.registry.OpKind` record each (trace
+  rule, plaintext rule, encrypted rule, what it compares, what it forms in the ring).
 - :mod:`bridge.trace`: ``torch.fx`` tracing into a :class:`~bridge.plan.Plan` (public
-  architecture) and the weights (private), with BatchNorm folding.
+  architecture) and the weights (private), with BatchNorm folding; names every blocker at once.
+- :mod:`bridge.interpret`: the one loop both executors run; :mod:`bridge.windows`: the one
+  pooling and resampling geometry.
 - :mod:`bridge.plaintext`: the plan in float64 numpy (checks the conversion).
 - :mod:`bridge.secure`: the plan on secret-shared tensors.
+- :mod:`bridge.sizing`: comparison domains from value ranges (differences included), the ring check.
 - :mod:`bridge.roles`: the model server and data owner programs.
 - :mod:`bridge.local`: :func:`infer_local`.
 - :mod:`bridge.service`: the roles as ``primia infer`` runs them (files in, JSON out).

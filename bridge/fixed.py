@@ -20,6 +20,7 @@ import numpy as np
 from mpc.errors import ConfigError, EncodingRangeError
 from mpc.ring import decode, encode
 
+from .ops import KINDS
 from .plan import Plan
 
 __all__ = ["to_fixed", "from_fixed", "param_layout", "encode_weights", "quantisation_error"]
@@ -42,28 +43,20 @@ def from_fixed(ring: np.ndarray, frac_bits: int) -> np.ndarray:
 
 
 def param_layout(plan: Plan) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Each parameter's shape in the executor and its role: ``"weight"`` (multiplied) or ``"offset"`` (added).
+    """Each parameter's shape in the executor and its role (:attr:`bridge.registry.OpKind.params`).
 
-    Offsets get broadcastable shapes: (1, C, 1, 1) for a conv bias, (1, C, 1, ...)
-    for an affine op over an input of that rank.
+    Roles: ``"weight"`` (multiplied with activations), ``"offset"`` (added at the
+    product scale), ``"value"`` (added at the activation scale).  Shapes come from
+    each op kind's layout rule, e.g. (1, C, 1, 1) for a conv bias.
     """
     shapes = {plan.input_name: (1,) + tuple(plan.input_shape)}
     shapes.update({op.name: (1,) + tuple(op.shape) for op in plan.ops})
     out: dict[str, tuple[tuple[int, ...], str]] = {}
     for op in plan.ops:
-        if op.kind == "conv2d":
-            w, b = op.params
-            out[w] = (op.param_shapes[0], "weight")
-            out[b] = ((1, op.param_shapes[1][0], 1, 1), "offset")
-        elif op.kind == "linear":
-            w, b = op.params
-            out[w] = (op.param_shapes[0], "weight")
-            out[b] = (op.param_shapes[1], "offset")
-        elif op.kind == "affine":
-            ndim = len(shapes[op.inputs[0]])
-            channel = (1, op.param_shapes[0][0]) + (1,) * (ndim - 2)
-            out[op.params[0]] = (channel, "weight")
-            out[op.params[1]] = (channel, "offset")
+        record = KINDS[op.kind]
+        layout = record.layout(op, shapes[op.inputs[0]] if op.inputs else ())
+        for name, shape, role in zip(op.params, layout, record.params):
+            out[name] = (tuple(shape), role)
     return out
 
 
@@ -72,8 +65,9 @@ def encode_weights(
 ) -> dict[str, np.ndarray]:
     """The model owner's weights as ring elements in the executor's layout.
 
-    Multiplied parameters are encoded at ``weight_bits``; added ones (biases,
-    shifts) at the product scale ``act_bits + weight_bits``.
+    Multiplied parameters are encoded at ``weight_bits``; offsets (biases,
+    shifts) at the product scale ``act_bits + weight_bits``; values (position
+    embeddings, class tokens) at ``act_bits``.
 
     Raises:
         ConfigError: a parameter is too large for its scale (the message names it).
@@ -81,7 +75,7 @@ def encode_weights(
     out = {}
     for name, (shape, role) in param_layout(plan).items():
         value = np.asarray(weights[name], dtype=np.float64).reshape(shape)
-        scale = weight_bits if role == "weight" else act_bits + weight_bits
+        scale = {"weight": weight_bits, "offset": act_bits + weight_bits, "value": act_bits}[role]
         try:
             out[name] = encode(value, scale)
         except EncodingRangeError as exc:

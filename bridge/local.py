@@ -26,8 +26,10 @@ import mpc.net
 from mpc.errors import ConfigError
 
 from .roles import DATA_OWNER, local_party
-from .secure import DEFAULT_WEIGHT_BITS
-from .sizing import LOCAL_MARGIN, FixedPoint, measure_bounds, run_with_retry, size_fixed_point
+from .card import Bounds
+from .plaintext import measure_ranges
+from .sizing import (DEFAULT_WEIGHT_BITS, LOCAL_MARGIN, FixedPoint, bounds_from_ranges, check_weights,
+                     comparison_bits_for, default_act_bits, run_with_retry, size_fixed_point)
 from .trace import ConvertedModel, convert
 
 __all__ = ["InferenceResult", "infer_local", "fixed_point_for", "summarise_stats"]
@@ -35,7 +37,8 @@ __all__ = ["InferenceResult", "infer_local", "fixed_point_for", "summarise_stats
 
 @dataclass
 class InferenceResult:
-    """Logits (N, classes) as the data owner received them, and what it cost."""
+    """Logits (N, classes), or (N, classes, H, W) for segmentation, as the data owner received them, and
+    what it cost; ``probabilities`` are their softmax over the class axis (1)."""
 
     logits: np.ndarray
     probabilities: np.ndarray
@@ -43,7 +46,8 @@ class InferenceResult:
 
     @property
     def predictions(self) -> np.ndarray:
-        return self.logits.argmax(axis=-1)
+        """The most likely class of every image (every pixel, for segmentation)."""
+        return self.logits.argmax(axis=1)
 
 
 def fixed_point_for(converted: ConvertedModel, x: np.ndarray, *, act_bits: int | None = None,
@@ -55,9 +59,27 @@ def fixed_point_for(converted: ConvertedModel, x: np.ndarray, *, act_bits: int |
     bounds (margin :data:`~bridge.sizing.LOCAL_MARGIN`) and
     :func:`bridge.sizing.size_fixed_point` sizes what is not given.
     """
-    bounds = measure_bounds(converted.plan, converted.weights, [x], margin=LOCAL_MARGIN)
-    fixed = size_fixed_point(bounds, act_bits=act_bits, comparison_bits=comparison_bits)
+    fixed = _sized(converted, x, act_bits=act_bits, comparison_bits=comparison_bits)[0]
     return fixed.act_bits, fixed.comparison_bits
+
+
+def _sized(converted: ConvertedModel, x: np.ndarray, **explicit: int | None) -> tuple[FixedPoint, Bounds, dict]:
+    """The settings for this batch, its bounds, and every value's bound (margin x measured).
+
+    Refuses, naming the layer, weights whose products leave the ring for these
+    very values (:class:`~bridge.errors.RingOverflowError`), then values no
+    setting holds (:class:`~mpc.errors.ConfigError`).
+    """
+    plan, weights = converted.plan, converted.weights
+    ranges = measure_ranges(plan, weights, x)
+    bounds = bounds_from_ranges(plan, ranges, images=int(x.shape[0]), margin=LOCAL_MARGIN)
+    reach = {name: LOCAL_MARGIN * value for name, value in ranges.items()}
+    # with the fewest fractional bits any setting uses: a layer refused here is refused by every setting
+    least = explicit.get("act_bits") or default_act_bits(plan)
+    weight_bits = explicit.get("weight_bits") or DEFAULT_WEIGHT_BITS
+    check_weights(plan, weights, FixedPoint(least, weight_bits, comparison_bits_for(least)), reach)
+    fixed = size_fixed_point(bounds, plan=plan, **explicit)
+    return fixed, bounds, reach
 
 
 def summarise_stats(per_party: list[dict[str, Any]]) -> dict[str, Any]:
@@ -130,9 +152,8 @@ def infer_local(
     t0 = time.perf_counter()
     converted = convert(model, x_np.shape[1:])
     convert_seconds = time.perf_counter() - t0
-    bounds = measure_bounds(converted.plan, converted.weights, [x_np], margin=LOCAL_MARGIN)
     explicit = {"act_bits": act_bits, "weight_bits": weight_bits, "comparison_bits": comparison_bits}
-    size_fixed_point(bounds, **explicit)  # values no setting holds: refused here, before any process starts
+    _, bounds, reach = _sized(converted, x_np, **explicit)  # refused here, before any process starts
     with tempfile.TemporaryDirectory(prefix="primia-infer-") as tmp:
         os.chmod(tmp, 0o700)
         paths = {"images": str(Path(tmp) / "images.npy"), "weights": str(Path(tmp) / "weights.npz")}
@@ -141,8 +162,8 @@ def infer_local(
 
         def run(widen_bits: int) -> tuple[list[Any], FixedPoint, float]:
             t1 = time.perf_counter()
-            settings = size_fixed_point(bounds, **explicit, widen_bits=widen_bits)
-            options = {**settings.options(), "profile": profile}
+            settings = size_fixed_point(bounds, plan=converted.plan, **explicit, widen_bits=widen_bits)
+            options = {**settings.options(), "activation_bound": reach, "profile": profile}
             outs = mpc.net.run_processes(local_party, parties=2, args=(converted.plan, paths, options),
                                          truncation=truncation, timeout_s=timeout_s)
             return outs, settings, time.perf_counter() - t1

@@ -8,27 +8,9 @@ any input but its shape.  Records are plain data (strings, ints, floats,
 tuples), so a plan has a canonical byte form whose digest identifies the
 architecture (:meth:`Plan.digest`): both parties check they run the same one.
 
-Op kinds (inputs are value names; ``shape`` excludes the batch dimension):
-
-============================  ==========================================  ===================
-kind                          attributes                                  parameters
-============================  ==========================================  ===================
-``conv2d``                    stride, padding, dilation (pairs), groups   weight, bias
-``linear``                    —                                           weight, bias
-``affine`` (unfolded BN)      —  (channel axis 1)                         scale, shift
-``relu``                      —
-``clamp``                     low, high (float or None)
-``max_pool2d``                kernel, stride, padding (pairs)
-``avg_pool2d``                kernel, stride, padding, count_include_pad,
-                              divisor (int or None)
-``adaptive_avg_pool2d``       output (pair)
-``mean``                      axes, keepdim
-``reshape``                   shape
-``add``                       —  (two inputs)
-``add_const``                 value
-``cat``                       axis (never 0)
-``softmax``                   axis (final op only; lifted out by convert)
-============================  ==========================================  ===================
+Op kinds, their attributes and parameters are the records of
+:mod:`bridge.ops` (one :class:`~bridge.registry.OpKind` each).  Inputs are
+value names; ``shape`` excludes the batch dimension.
 """
 
 from __future__ import annotations
@@ -39,14 +21,7 @@ from typing import Any
 
 import msgpack
 
-__all__ = ["OP_KINDS", "LINEAR_KINDS", "Op", "Plan"]
-
-OP_KINDS = frozenset({
-    "conv2d", "linear", "affine", "relu", "clamp", "max_pool2d", "avg_pool2d",
-    "adaptive_avg_pool2d", "mean", "reshape", "add", "add_const", "cat", "softmax",
-})
-#: ops whose parameters are multiplied with the activations (one masked opening each)
-LINEAR_KINDS = frozenset({"conv2d", "linear", "affine"})
+__all__ = ["Op", "Plan"]
 
 
 @dataclass(frozen=True)
@@ -72,7 +47,7 @@ class Op:
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, tuple):
+    if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
     return value
 
@@ -121,8 +96,6 @@ class Plan:
         ops = tuple(op for op in self.ops if op.name in needed)
         defined = {self.input_name}
         for op in ops:
-            if op.kind not in OP_KINDS:
-                raise ValueError(f"op {op.name!r} has unknown kind {op.kind!r}")
             missing = [i for i in op.inputs if i not in defined]
             if missing:
                 raise ValueError(f"op {op.name!r} reads {missing} before they are computed")

@@ -144,7 +144,7 @@ def query_model(
     *,
     plan: Plan | None = None,
     plan_from_card: Callable[[ModelCard], Plan] | None = None,
-    options_from_card: Callable[[ModelCard], dict[str, Any]] | None = None,
+    options_from_card: Callable[[ModelCard, Plan], dict[str, Any]] | None = None,
     on_result: Callable[[BatchResult, ModelCard | None], None] | None = None,
     profile: bool = False,
     **options: Any,
@@ -157,7 +157,7 @@ def query_model(
     :meth:`EncryptedModel.predict`).
 
     ``options`` go to :class:`EncryptedModel`, as for :func:`serve_model`; with
-    ``options_from_card``, they are derived from the card instead (its bounds,
+    ``options_from_card(card, plan)``, they are derived from the card instead (its bounds,
     :func:`bridge.sizing.size_fixed_point`), as the model server derives its own.
     Returns ``results`` (one :class:`BatchResult` per batch unless ``on_result``
     consumes them), the ``card`` if one came, and this party's statistics.
@@ -175,7 +175,7 @@ def query_model(
         card = receive_card(ctx)
         plan = plan_from_card(card)
         if options_from_card is not None:
-            options = {**options, **options_from_card(card)}
+            options = {**options, **options_from_card(card, plan)}
     assert plan is not None
     model = EncryptedModel(ctx, plan, None, **options)
     _announce_batches(ctx, len(batches))
@@ -189,7 +189,7 @@ def query_model(
         x = model.share_input(np.asarray(batches.load(index, card), dtype=np.float64))
         hook = OpProfile(ctx) if profile else None
         logits = model.predict(x, to=DATA_OWNER, on_op=hook)
-        probs = softmax(logits, axis if axis is not None else -1)
+        probs = softmax(logits, axis if axis is not None else 1)  # classes sit on axis 1 (segmentation: N, C, H, W)
         result = BatchResult(index, logits, probs, time.perf_counter() - t0, _diff(ctx.stats(), before),
                              None if hook is None else hook.kinds)
         if on_result is not None:

@@ -7,14 +7,22 @@ masked once per session (W - B opened in one round for all of them), and each
 product with an activation costs one one-way message of the activation's size
 (:mod:`mpc.protocols.owned`).
 
-Fixed point.  Activations live at ``act_bits`` fractional bits (default 12),
-multiplied parameters at ``weight_bits`` (default 20), independently of the
-context's ``frac_bits``; biases are added at the product scale.  Comparisons
-(ReLU, clamp, max-pooling) run in a ``comparison_bits`` domain, exact while
-every compared value stays below 2^(comparison_bits - 1 - act_bits) in
-magnitude: by default 22 bits, i.e. |v| < 512, which normalised image
-classifiers stay far inside; :func:`comparison_bits_for` sizes the domain for
-a measured peak.  All of these are checked to agree between the parties.
+Fixed point.  Activations live at ``act_bits`` fractional bits (default 12,
+or more when the plan approximates smooth functions:
+:func:`bridge.sizing.default_act_bits`), multiplied parameters at
+``weight_bits`` (default 20), independently of the context's ``frac_bits``
+(which the pass sets to ``act_bits`` while it runs, so that the engine's
+approximations work at the same scale); biases are added at the product scale.
+Comparisons run in a ``comparison_bits`` domain, exact while every compared
+magnitude — differences included — stays below 2^(comparison_bits - 1 -
+act_bits): by default |v| < 512; :func:`bridge.sizing.comparison_bound` and
+:func:`comparison_bits_for` size it for measured ranges.  All of these are
+checked to agree between the parties.
+
+Each op runs its record's encrypted rule (:mod:`bridge.ops`) in the
+interpreter loop the plaintext executor shares (:mod:`bridge.interpret`); an
+engine error inside an op (e.g. a comparison outside its domain) comes out as
+an :class:`~bridge.errors.EncryptedOpError` naming the layer.
 
 Scales are tracked lazily.  A linear op's result stays at the product scale
 ``act_bits + weight_bits`` and is truncated only when a consumer needs the
@@ -26,12 +34,14 @@ rides on the same truncation.  Each truncation is one round
 
 Per op (2 parties; "round" = one message exchange among computing parties):
 
-=====================  =======================================================
-conv2d/linear/affine   1 round (x - A to the model owner) + the dealer's C
-relu, clamp, max_pool  the nonlinear protocols' rounds (mpc.nonlinear)
-avg/adaptive pool      local window sums; the division joins a truncation
-add, cat, reshape      local
-=====================  =======================================================
+======================  ======================================================
+conv2d/linear/affine    1 round (x - A to the model owner) + the dealer's C
+mul, matmul             1 Beaver round (two encrypted operands)
+relu, clamp, max_pool   the comparison protocols' rounds (mpc.nonlinear)
+sigmoid, gelu, ...      approximations (bridge.ops.activations, mpc.nonlinear)
+avg pool, mean, resize  local window sums; the division joins a truncation
+add, cat, reshape, ...  local
+======================  ======================================================
 """
 
 from __future__ import annotations
@@ -44,16 +54,21 @@ import numpy as np
 
 import mpc
 import mpc.kernels
-from mpc.errors import ProtocolError
-from mpc.protocols.compare import MAX_BITS, MIN_BITS, check_comparison_options
+from mpc.errors import (ApproximationRangeError, AuthenticationError, ComparisonOverflow, PeerFailure, PrimiaError,
+                        ProtocolError)
 from mpc.private import PrivateTensor
+from mpc.protocols.compare import check_comparison_options
 from mpc.protocols.owned import owned_product, weight_mask
-from mpc.ring import encode
 from mpc.tensor import SharedTensor
 
+from .errors import EncryptedOpError
 from .fixed import encode_weights, param_layout
+from .interpret import check_kinds, interpret
+from .ops import KINDS
 from .plan import Op, Plan
-from .windows import adaptive_counts, adaptive_sum, avg_pool_divisors, window_sum
+from .registry import Fixed, Operand
+from .sizing import (DEFAULT_ACT_BITS, DEFAULT_RANGE_BITS, DEFAULT_WEIGHT_BITS, check_weights, comparison_bits_for,
+                     default_act_bits)
 
 __all__ = [
     "DATA_OWNER",
@@ -66,37 +81,15 @@ __all__ = [
     "MAX_BATCH",
     "EncryptedModel",
     "OpProfile",
-    "SECURE_OPS",
 ]
 
 DATA_OWNER = 0
 MODEL_OWNER = 1
-# PrivateTensor ids the bridge uses; disjoint from Context.private()'s counter.
-_IDENT_BASE = 1 << 40
-#: fractional bits of activations and of multiplied parameters
-DEFAULT_ACT_BITS = 12
-DEFAULT_WEIGHT_BITS = 20
-#: compared values stay below 2^DEFAULT_RANGE_BITS = 512 in magnitude (sets the comparison domain)
-DEFAULT_RANGE_BITS = 9
 #: most images in one encrypted forward pass
 MAX_BATCH = 1024
-# fractional bits of the public reciprocals 1/d in average pooling
-_RECIPROCAL_BITS = 24
 
 
-def comparison_bits_for(act_bits: int, peak: float = 2.0**DEFAULT_RANGE_BITS) -> int:
-    """The smallest comparison domain exact for compared values below ``peak`` in magnitude.
-
-    A value v at ``act_bits`` is the ring integer v * 2^act_bits; the domain l
-    must hold |v| * 2^act_bits < 2^(l - 1).
-    """
-    need = act_bits + 1 + max(int(np.ceil(np.log2(max(peak, 1.0)))), 0)
-    if need > MAX_BITS:
-        raise ValueError(f"values up to {peak:g} do not fit any comparison domain at {act_bits} fractional bits")
-    return max(need, MIN_BITS)
-
-
-def warm_up(ctx: mpc.Context, *, act_bits: int = DEFAULT_ACT_BITS, comparison_bits: int | None = None,
+def warm_up(ctx: mpc.Context, *, act_bits: int | None = None, comparison_bits: int | None = None,
             **_other_options: object) -> None:
     """Load the compiled kernels every process of a session needs, before any clock starts.
 
@@ -107,6 +100,7 @@ def warm_up(ctx: mpc.Context, *, act_bits: int = DEFAULT_ACT_BITS, comparison_bi
     :class:`EncryptedModel`.
     """
     mpc.kernels.warmup()
+    act_bits = act_bits or DEFAULT_ACT_BITS
     saved = ctx.comparison_bits
     ctx.comparison_bits = comparison_bits or comparison_bits_for(act_bits)
     try:
@@ -121,23 +115,39 @@ class EncryptedModel:
 
     Construction (every computing party, same order):
       1. the parties exchange the plan's digest (1 round) and stop if they differ;
-      2. the model owner opens W - B for every multiplied parameter, all in one
-         message (1 round, 8 B per weight element, once per session).
+      2. the model owner checks that no layer can leave the ring for activations
+         within the comparison domain (:func:`bridge.sizing.check_weights`; it
+         alone holds the weights) and refuses otherwise, naming the layer;
+      3. the model owner opens W - B for every multiplied parameter, all in one
+         message (1 round, 8 B per weight element, once per model).  Every
+         parameter gets a fresh mask id from the context
+         (:meth:`mpc.Context.private_ids`): two models, or one model loaded
+         twice, in one context never share a mask B.
 
     Args:
         ctx: this party's context.
         plan: the architecture (both parties build it, e.g. with :func:`bridge.convert`).
         weights: the float weights (model owner only; ``None`` elsewhere).
-        act_bits, weight_bits: fractional bits of activations and of multiplied parameters.
-        comparison_bits: the comparison domain (default: compared values below 512).
+        act_bits, weight_bits: fractional bits of activations (default: :func:`bridge.sizing.default_act_bits`)
+            and of multiplied parameters.
+        comparison_bits: the comparison domain (default: compared magnitudes below 512).
+        activation_bound: (model owner) largest activation magnitude for the ring check, one for all
+            values or one per value name; default: what the comparison domain holds.
+
+    Raises:
+        RingOverflowError: (model owner) a layer's products can overflow the ring.
+        ProtocolError: the parties run different plans or settings.
     """
 
     def __init__(self, ctx: mpc.Context, plan: Plan, weights: dict[str, np.ndarray] | None, *,
-                 owner: int = MODEL_OWNER, act_bits: int = DEFAULT_ACT_BITS,
-                 weight_bits: int = DEFAULT_WEIGHT_BITS, comparison_bits: int | None = None):
+                 owner: int = MODEL_OWNER, act_bits: int | None = None,
+                 weight_bits: int = DEFAULT_WEIGHT_BITS, comparison_bits: int | None = None,
+                 activation_bound: float | dict[str, float] | None = None):
         self.ctx = ctx
         self.plan = plan
         self.owner = owner
+        if act_bits is None:
+            act_bits = default_act_bits(plan)
         for name, bits in (("act_bits", act_bits), ("weight_bits", weight_bits)):
             if not isinstance(bits, int) or not 4 <= bits <= 24:
                 raise ValueError(f"{name} must be an int in [4, 24], got {bits!r}")
@@ -148,22 +158,25 @@ class EncryptedModel:
         if comparison_bits is None:
             comparison_bits = comparison_bits_for(act_bits)
         _, self.comparison_bits = check_comparison_options(ctx.comparison, comparison_bits, ctx.parties)
-        unknown = sorted({op.kind for op in plan.ops} - SECURE_OPS.keys())
-        if unknown:
-            raise ValueError(f"the plan has ops the encrypted executor cannot run: {unknown}")
-        _check_same_setup(ctx, plan, act_bits, weight_bits, self.comparison_bits)
+        self.fixed = Fixed(act_bits, weight_bits, self.comparison_bits)
+        check_kinds(plan)
         layout = param_layout(plan)
+        multiplied = [name for name, (_, role) in layout.items() if role == "weight"]
+        idents = dict(zip(multiplied, ctx.private_ids(len(multiplied))))
+        # the mask ids are in the check: parties that drew different ids would combine different masks
+        _check_same_setup(ctx, plan, act_bits, weight_bits, self.comparison_bits, list(idents.values())[:1])
         ring = None
         if ctx.rank == owner:
             if weights is None:
                 raise ValueError(f"party {owner} owns the model but passed no weights")
+            check_weights(plan, weights, self.fixed, activation_bound)
             ring = encode_weights(plan, weights, act_bits=self.act_bits, weight_bits=self.weight_bits)
         self.weights: dict[str, PrivateTensor] = {}
         self.offsets: dict[str, np.ndarray] = {}
-        for i, (name, (shape, role)) in enumerate(layout.items()):
+        for name, (shape, role) in layout.items():
             value = None if ring is None else ring[name]
             if role == "weight":
-                self.weights[name] = PrivateTensor(ctx, owner, value, shape, self.weight_bits, _IDENT_BASE + i)
+                self.weights[name] = PrivateTensor(ctx, owner, value, shape, self.weight_bits, idents[name])
             else:
                 # an added parameter is a sharing as it stands: the owner's value, zeros elsewhere
                 self.offsets[name] = value if value is not None else np.zeros(shape, dtype=np.int64)
@@ -188,41 +201,36 @@ class EncryptedModel:
         """The plan's output (logits) at the activation scale, as shares.
 
         ``on_op(op, seconds)`` is called after each op (for profiles: read ``ctx.stats()`` there).
+
+        Raises:
+            EncryptedOpError: an op failed in the engine (e.g. a comparison left its
+                domain); names the layer, with the engine's error as the cause.
         """
         if tuple(x.shape[1:]) != tuple(self.plan.input_shape):
             expected = ", ".join(map(str, self.plan.input_shape))
             raise ValueError(f"input has shape {x.shape}, the plan expects (N, {expected})")
-        saved_bits, self.ctx.comparison_bits = self.ctx.comparison_bits, self.comparison_bits
+        saved = self.ctx.comparison_bits, self.ctx.frac_bits
+        self.ctx.comparison_bits, self.ctx.frac_bits = self.comparison_bits, self.act_bits
         try:
-            return self._forward(x, on_op)
+            return interpret(self.plan, Operand(x, self.act_bits), self._step(on_op)).act
         finally:
-            self.ctx.comparison_bits = saved_bits
+            self.ctx.comparison_bits, self.ctx.frac_bits = saved
 
-    def _forward(self, x: SharedTensor, on_op: Callable[[Op, float], None] | None) -> SharedTensor:
-        values: dict[str, SharedTensor] = {self.plan.input_name: x}
-        truncated: dict[str, SharedTensor] = {}
-        remaining = self.plan.use_counts()
-
-        def need(name: str) -> SharedTensor:
-            """The value at the activation scale, truncated once however many ops read it."""
-            v = values[name]
-            if v.frac_bits == self.act_bits:
-                return v
-            if name not in truncated:
-                truncated[name] = v.rescale(self.act_bits)
-            return truncated[name]
-
-        for op in self.plan.ops:
+    def _step(self, on_op: Callable[[Op, float], None] | None) -> Callable[[Op, list[Operand]], Operand]:
+        def step(op: Op, operands: list[Operand]) -> Operand:
             start = time.perf_counter()
-            values[op.name] = SECURE_OPS[op.kind](self, op, values, need)
+            try:
+                # an overflow found by the deferred check (at reveal) names the layers whose comparisons failed
+                with self.ctx.comparison_scope(op.source or op.name):
+                    out = KINDS[op.kind].encrypted(self, op, operands)
+            except (ProtocolError, PeerFailure, AuthenticationError, ComparisonOverflow, ApproximationRangeError):
+                raise  # about a peer, not this op's values; or an overflow, which names its layers and is retried
+            except (PrimiaError, ArithmeticError) as exc:
+                raise EncryptedOpError(op.name, op.kind, op.source, exc) from exc
             if on_op is not None:
                 on_op(op, time.perf_counter() - start)
-            for i in op.inputs:
-                remaining[i] -= 1
-                if remaining[i] == 0 and i != self.plan.output:
-                    values.pop(i, None)
-                    truncated.pop(i, None)
-        return need(self.plan.output)
+            return Operand(out, self.act_bits)
+        return step
 
     def predict(self, x: SharedTensor, *, to: int = DATA_OWNER,
                 on_op: Callable[[Op, float], None] | None = None) -> np.ndarray | None:
@@ -269,14 +277,22 @@ class EncryptedModel:
         self._requests[x.shape] = recorder.requests
         return out
 
-    # -- products with the owner's parameters ----------------------------------------
-    def _product(self, x: SharedTensor, weight: str, op: str, params: dict | None = None) -> SharedTensor:
+    # -- the owner's parameters, for the ops' encrypted rules ---------------------------------
+    def product(self, x: SharedTensor, weight: str, op: str, params: dict | None = None) -> SharedTensor:
+        """x times the owner's parameter ``weight`` (bilinear ``op``), left at the product scale (1 round)."""
         w = self.weights[weight]
         z = owned_product(self.ctx, x.share, w, op, params)
         return SharedTensor(self.ctx, z, x.frac_bits + w.frac_bits)
 
-    def _offset(self, y: SharedTensor, name: str) -> SharedTensor:
+    def offset(self, y: SharedTensor, name: str) -> SharedTensor:
+        """y plus the owner's offset ``name``, encoded at the product scale y must be at (local)."""
+        if y.frac_bits != self.act_bits + self.weight_bits:
+            raise ValueError(f"offset {name!r} is added at the product scale, not at {y.frac_bits} bits")
         return SharedTensor(self.ctx, y.share + self.offsets[name], y.frac_bits)
+
+    def value(self, name: str) -> SharedTensor:
+        """The owner's value parameter ``name`` as a sharing at the activation scale (local)."""
+        return SharedTensor(self.ctx, self.offsets[name], self.act_bits)
 
 
 _REVEAL = Op(name="<reveal>", kind="reveal", inputs=())
@@ -322,9 +338,11 @@ class OpProfile:
         self.last = now
 
 
-def _check_same_setup(ctx: mpc.Context, plan: Plan, act_bits: int, weight_bits: int, comparison_bits: int) -> None:
-    """Both parties must run the same plan with the same fixed-point settings (1 round, 32 bytes)."""
-    settings = f"{plan.digest()}/{act_bits}/{weight_bits}/{comparison_bits}/{ctx.truncation}/{ctx.comparison}"
+def _check_same_setup(ctx: mpc.Context, plan: Plan, act_bits: int, weight_bits: int, comparison_bits: int,
+                      mask_ids: list[int]) -> None:
+    """Both parties must run the same plan with the same settings and mask ids (1 round, 32 bytes)."""
+    settings = (f"{plan.digest()}/{act_bits}/{weight_bits}/{comparison_bits}/{ctx.truncation}/{ctx.comparison}/"
+                f"{mask_ids}")
     digest = np.frombuffer(hashlib.sha256(settings.encode()).digest(), dtype=np.uint8)
     peers = ctx.comm.peers
     got = ctx.comm.exchange({p: digest for p in peers}, {p: (digest.shape, np.uint8) for p in peers})
@@ -332,7 +350,8 @@ def _check_same_setup(ctx: mpc.Context, plan: Plan, act_bits: int, weight_bits: 
         if not np.array_equal(theirs, digest):
             raise ProtocolError(peer, "runs a different model or fixed-point setting (plan and settings digests "
                                       "differ); both parties must convert the same model at the same input size "
-                                      "with the same act_bits, weight_bits, comparison bits and truncation")
+                                      "with the same act_bits, weight_bits, comparison bits and truncation, "
+                                      "and load their models in the same order")
 
 
 def _prepare_all(ctx: mpc.Context, owner: int, tensors: list[PrivateTensor]) -> None:
@@ -350,130 +369,3 @@ def _prepare_all(ctx: mpc.Context, owner: int, tensors: list[PrivateTensor]) -> 
     for t, n in zip(tensors, sizes):
         t._delta = flat[start:start + n].reshape(t.shape)  # the same W - B prepare() would open
         start += n
-
-
-# -- the op table --------------------------------------------------------------------------
-Need = Callable[[str], SharedTensor]
-Values = dict[str, SharedTensor]
-
-
-def _conv(m: EncryptedModel, op: Op, values: Values, need: Need) -> SharedTensor:
-    a = op.attrs
-    params = {"stride": list(a["stride"]), "padding": list(a["padding"]),
-              "dilation": list(a["dilation"]), "groups": int(a["groups"])}
-    return m._offset(m._product(need(op.inputs[0]), op.params[0], "conv2d", params), op.params[1])
-
-
-def _linear(m: EncryptedModel, op: Op, values: Values, need: Need) -> SharedTensor:
-    return m._offset(m._product(need(op.inputs[0]), op.params[0], "linear"), op.params[1])
-
-
-def _affine(m: EncryptedModel, op: Op, values: Values, need: Need) -> SharedTensor:
-    return m._offset(m._product(need(op.inputs[0]), op.params[0], "mul"), op.params[1])
-
-
-def _relu(m: EncryptedModel, op: Op, values: Values, need: Need) -> SharedTensor:
-    return need(op.inputs[0]).relu()
-
-
-def _clamp(m: EncryptedModel, op: Op, values: Values, need: Need) -> SharedTensor:
-    x = need(op.inputs[0])
-    return x.clamp(*(None if b is None else _constant(x, b) for b in (op.attrs["low"], op.attrs["high"])))
-
-
-def _constant(x: SharedTensor, value: float) -> int | SharedTensor:
-    """A public bound at x's own scale: an exact integer, or a trivial sharing (the context's
-    scale would otherwise lift x to it and change the comparison domain)."""
-    if float(value).is_integer():
-        return int(value)
-    share = encode(value, x.frac_bits) if x.ctx.rank == 0 else np.int64(0)
-    return SharedTensor(x.ctx, np.broadcast_to(share, x.shape).copy(), x.frac_bits)
-
-
-def _max_pool(m: EncryptedModel, op: Op, values: Values, need: Need) -> SharedTensor:
-    a = op.attrs
-    return mpc.max_pool2d(need(op.inputs[0]), tuple(a["kernel"]), stride=tuple(a["stride"]),
-                          padding=tuple(a["padding"]))
-
-
-def _divide(m: EncryptedModel, sums: SharedTensor, divisors: np.ndarray) -> SharedTensor:
-    """Window sums divided by public counts, with the truncation left pending.
-
-    A power-of-two count only moves the scale; any other is a multiplication
-    by 1/d encoded at ``_RECIPROCAL_BITS`` (relative error below 2^-24 d).
-    """
-    d = np.unique(divisors)
-    if d.size == 1 and int(d[0]) & (int(d[0]) - 1) == 0:
-        return SharedTensor(m.ctx, sums.share, sums.frac_bits + int(d[0]).bit_length() - 1)
-    recip = encode(1.0 / divisors.astype(np.float64), _RECIPROCAL_BITS)
-    return SharedTensor(m.ctx, sums.share * recip, sums.frac_bits + _RECIPROCAL_BITS)
-
-
-def _pool_input(m: EncryptedModel, name: str, divisors: np.ndarray, values: Values, need: Need) -> SharedTensor:
-    # Sums of a pending product may take a power-of-two division before truncating;
-    # any other division multiplies, so it starts from the activation scale.
-    d = np.unique(divisors)
-    if d.size == 1 and int(d[0]) & (int(d[0]) - 1) == 0:
-        return values[name]
-    return need(name)
-
-
-def _avg_pool(m: EncryptedModel, op: Op, values: Values, need: Need) -> SharedTensor:
-    a = op.attrs
-    kernel, stride, padding = tuple(a["kernel"]), tuple(a["stride"]), tuple(a["padding"])
-    div = avg_pool_divisors(values[op.inputs[0]].shape[2:], kernel, stride, padding,
-                            a["count_include_pad"], a["divisor"])
-    x = _pool_input(m, op.inputs[0], div, values, need)
-    return _divide(m, SharedTensor(m.ctx, window_sum(x.share, kernel, stride, padding), x.frac_bits), div)
-
-
-def _adaptive(m: EncryptedModel, op: Op, values: Values, need: Need) -> SharedTensor:
-    out = tuple(op.attrs["output"])
-    div = adaptive_counts(values[op.inputs[0]].shape[2:], out)
-    x = _pool_input(m, op.inputs[0], div, values, need)
-    return _divide(m, SharedTensor(m.ctx, adaptive_sum(x.share, out), x.frac_bits), div)
-
-
-def _mean(m: EncryptedModel, op: Op, values: Values, need: Need) -> SharedTensor:
-    axes = tuple(op.attrs["axes"])
-    src = values[op.inputs[0]]
-    div = np.array([int(np.prod([src.shape[i] for i in axes]))])
-    x = _pool_input(m, op.inputs[0], div, values, need)
-    sums = x.share.sum(axis=axes, keepdims=op.attrs["keepdim"], dtype=np.int64)
-    return _divide(m, SharedTensor(m.ctx, sums, x.frac_bits), div)
-
-
-def _reshape(m: EncryptedModel, op: Op, values: Values, need: Need) -> SharedTensor:
-    x = values[op.inputs[0]]
-    return x.reshape((x.shape[0],) + tuple(op.attrs["shape"]))
-
-
-def _add(m: EncryptedModel, op: Op, values: Values, need: Need) -> SharedTensor:
-    return values[op.inputs[0]] + values[op.inputs[1]]
-
-
-def _add_const(m: EncryptedModel, op: Op, values: Values, need: Need) -> SharedTensor:
-    x = values[op.inputs[0]]
-    return x + _constant(x, float(op.attrs["value"]))
-
-
-def _cat(m: EncryptedModel, op: Op, values: Values, need: Need) -> SharedTensor:
-    return mpc.concatenate([values[i] for i in op.inputs], axis=op.attrs["axis"])
-
-
-#: kind -> f(model, op, values, need) returning the op's shared result
-SECURE_OPS: dict[str, Callable[[EncryptedModel, Op, Values, Need], SharedTensor]] = {
-    "conv2d": _conv,
-    "linear": _linear,
-    "affine": _affine,
-    "relu": _relu,
-    "clamp": _clamp,
-    "max_pool2d": _max_pool,
-    "avg_pool2d": _avg_pool,
-    "adaptive_avg_pool2d": _adaptive,
-    "mean": _mean,
-    "reshape": _reshape,
-    "add": _add,
-    "add_const": _add_const,
-    "cat": _cat,
-}

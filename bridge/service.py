@@ -68,7 +68,8 @@ from .models import build_from_card, card_from_config, card_from_run, card_from_
 from .plan import Plan
 from .roles import DATA_OWNER, MODEL_OWNER, BatchResult, query_model, serve_model
 from .secure import MAX_BATCH
-from .sizing import CALIBRATION_MARGIN, WIDEN_BITS, check_inputs, measure_bounds, run_with_retry, size_fixed_point
+from .sizing import (CALIBRATION_MARGIN, WIDEN_BITS, FixedPoint, check_inputs, check_weights, measure_bounds,
+                     run_with_retry, size_fixed_point)
 from .trace import convert
 
 log = logging.getLogger("primia.infer")
@@ -128,10 +129,10 @@ def _widen_bits(value: Any) -> int:
     return value
 
 
-def _options(card: ModelCard, settings: dict[str, Any]) -> dict[str, int]:
-    """This party's fixed-point options: from the card's bounds, as the other party derives them."""
-    return size_fixed_point(card.bounds, **fixed_point(settings),
-                            widen_bits=_widen_bits(settings.get("widen_bits", 0))).options()
+def _sized(card: ModelCard, plan: Plan, settings: dict[str, Any]) -> FixedPoint:
+    """This party's fixed point: from the card's bounds and the plan, as the other party derives it."""
+    return size_fixed_point(card.bounds, plan=plan, **fixed_point(settings),
+                            widen_bits=_widen_bits(settings.get("widen_bits", 0)))
 
 
 @dataclass(frozen=True)
@@ -159,8 +160,9 @@ def calibrate(card: ModelCard, plan: Plan, weights: dict[str, np.ndarray], files
 def load_served_model(settings: dict[str, Any]) -> ServedModel:
     """The model server's card, plan and weights, with bounds (``bounds`` or measured on ``calibrate``).
 
-    Checks that the fixed point can be sized, so that a model server that could
-    serve nobody fails at start-up.
+    Checks that the fixed point can be sized and that no layer can leave the
+    ring (:func:`bridge.sizing.check_weights`), so that a model server that
+    could serve nobody fails at start-up.
     """
     card, state = load_card_and_weights(settings)
     converted = convert(load_model(card, state), card.input_shape)
@@ -171,7 +173,8 @@ def load_served_model(settings: dict[str, Any]) -> ServedModel:
         margin = float(settings.get("calibration_margin") or CALIBRATION_MARGIN)
         card = dataclasses.replace(card, bounds=calibrate(card, converted.plan, converted.weights, files,
                                                           margin=margin))
-    size_fixed_point(card.bounds, **fixed_point(settings))
+    fixed = size_fixed_point(card.bounds, plan=converted.plan, **fixed_point(settings))
+    check_weights(converted.plan, converted.weights, fixed, fixed.activation_bound)  # every session would refuse
     return ServedModel(card, converted.plan, converted.weights)
 
 
@@ -246,7 +249,10 @@ def model_server_program(ctx: mpc.Context, settings: dict[str, Any]) -> dict[str
 
 def serve_session(ctx: mpc.Context, model: ServedModel, settings: dict[str, Any]) -> dict[str, Any]:
     """Party 1's part of one session with an already loaded model."""
-    return serve_model(ctx, model.plan, model.weights, card=model.card, **_options(model.card, settings))
+    fixed = _sized(model.card, model.plan, settings)
+    # the ring check of the owner's weights assumes what the card's bounds hold (margin x measured)
+    return serve_model(ctx, model.plan, model.weights, card=model.card, activation_bound=fixed.activation_bound,
+                       **fixed.options())
 
 
 def data_owner_program(ctx: mpc.Context, settings: dict[str, Any]) -> dict[str, Any]:
@@ -279,7 +285,7 @@ def data_owner_program(ctx: mpc.Context, settings: dict[str, Any]) -> dict[str, 
 
     try:
         summary = query_model(ctx, batches, plan_from_card=plan_for_card, on_result=on_result,
-                              options_from_card=lambda card: _options(card, settings))
+                              options_from_card=lambda card, plan: _sized(card, plan, settings).options())
     finally:
         if bar is not None:
             bar.close()

@@ -1,34 +1,53 @@
 """Torch model -> encrypted-inference plan, by ``torch.fx`` symbolic tracing (no ONNX).
 
-:func:`convert` traces a model in eval mode, runs it once on a zero batch of
-two to learn every intermediate shape, and turns each graph node into an
-:class:`~bridge.plan.Op` record: a kind from :data:`~bridge.plan.OP_KINDS`,
-input names, plain attributes and the names of its private parameters.  The
-result splits into what both parties may know (the :class:`~bridge.plan.Plan`:
-layer types, shapes, strides — the architecture) and what only the model
-owner holds (the weights, float64 numpy arrays keyed by parameter name).
+:func:`convert` traces a model in eval mode, runs the graph once on a zero
+batch of two to learn every intermediate shape and constant, and hands each
+graph node to the trace rule registered for its module, function or tensor
+method (:data:`bridge.ops.TORCH_RULES`).  Rules emit :class:`~bridge.plan.Op`
+records through the :class:`Tracer` methods below.  The result splits into what
+both parties may know (the :class:`~bridge.plan.Plan`: layer types, shapes,
+strides — the architecture) and what only the model owner holds (the weights,
+float64 numpy arrays keyed by parameter name).
+
+Model tensors: a parameter or buffer, and anything computed from them alone
+(e.g. Swin's relative position bias), is evaluated here and becomes one of the
+owner's weights; it never becomes public.
 
 Rewrites, each exact in real arithmetic:
 
-- BatchNorm right after a convolution or linear layer (and its only consumer)
-  is folded into that layer's weights; anywhere else it becomes an ``affine``
-  op (per-channel scale and shift).
-- ``max_pool(relu(x)) = relu(max_pool(x))`` (both monotone): when a max-pool
-  (or a chain of them) is a ReLU's only consumer, pooling moves first so that
-  the ReLU runs on the smaller map.  Clamps (ReLU6) move the same way.
-- Dropout, Identity and ``contiguous`` disappear (eval semantics); a final
-  Softmax is lifted out of the op list and applied by the data owner to the
-  revealed logits (see docs/inference.md for why this reveals nothing more).
+- an ``affine`` op (BatchNorm, a layer scale) right after a convolution or
+  linear layer that has no other consumer is folded into that layer's weights;
+- ``max_pool(relu(x)) = relu(max_pool(x))`` (both monotone): when a max-pool is
+  a ReLU's or clamp's only consumer, pooling moves first so the comparison runs
+  on the smaller map;
+- Dropout, stochastic depth, Identity and ``contiguous`` disappear (eval
+  semantics); a final Softmax is lifted out of the op list and applied by the
+  data owner to the revealed logits (see docs/inference.md).
 
-Anything else raises :class:`~mpc.errors.UnsupportedModelError` naming the
-module path, the op and what is supported — before any party starts.
+Anything that cannot run encrypted is collected, not raised at the first
+sight: :class:`~mpc.errors.UnsupportedModelError` lists every blocker with its
+module path, source line, why and what to do, before any party starts.
+
+The rule API (what a trace rule receives as ``t``; ``c`` is the :class:`Call`):
+``t.tensor(v)`` the op name holding an activation; ``t.is_tensor(v)``;
+``t.constant(v)`` a model tensor's value or None; ``t.array(tensor)``;
+``t.static(v)`` a non-tensor argument's value; ``t.shape(v)`` an activation's
+shape without the batch; ``t.out_shape(c)``; ``t.check_batch(c)``;
+``t.emit(c, kind, inputs, attrs, params)`` the node's op;
+``t.sub(c, tag, kind, inputs, attrs, params)`` an intermediate op (shape
+inferred); ``t.alias(c, name)``; ``t.outputs(c, names)`` for tuple results;
+``t.is_tuple(v)``, ``t.tuple_item(v, i)``; ``t.rebind(x, c)`` after in-place
+ops; ``t.data(v)`` an activation or a batch-expanded model tensor;
+``t.emit_param(c, v)``.  Rules raise :class:`~bridge.registry.Refusal`.
 """
 
 from __future__ import annotations
 
+import importlib
 import operator
+import re
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -38,21 +57,14 @@ import torch.nn.functional as F
 
 from mpc.errors import ConfigError, UnsupportedModelError
 
+from .ops import KINDS, SUPPORTED, TORCH_RULES
 from .plan import Op, Plan
+from .registry import Refusal, TorchRule
 
-__all__ = ["ConvertedModel", "convert", "SUPPORTED", "unsupported"]
-
-#: what the bridge converts, for error messages and the docs
-SUPPORTED = (
-    "Conv2d (stride, padding, dilation, groups; zero padding), Linear, BatchNorm1d/2d (eval), "
-    "ReLU, ReLU6, Hardtanh/clamp with constant bounds, MaxPool2d (no dilation, ceil_mode=False), "
-    "AvgPool2d (ceil_mode=False), AdaptiveAvgPool2d (any output size), mean over non-batch dims, "
-    "Flatten/view/reshape keeping the batch dimension, tensor + tensor and tensor + constant, torch.cat "
-    "(not along the batch), Dropout/Identity (eval), their torch.nn.functional and tensor-method forms, "
-    "and a final Softmax"
-)
+__all__ = ["ConvertedModel", "convert", "SUPPORTED", "Call", "Tracer", "Blocker"]
 
 _BATCH = 2  # tracing batch: distinguishes the batch dimension from size-1 dimensions
+_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -71,33 +83,138 @@ class ConvertedModel:
                 raise ConfigError(f"weight {key!r} has shape {self.weights[key].shape}, the plan needs {shape}")
 
 
-def unsupported(where: str, what: str, detail: str = "") -> UnsupportedModelError:
-    """An error naming the module path, the op, why, and what is supported."""
-    reason = f" ({detail})" if detail else ""
-    exc = UnsupportedModelError(
-        f"cannot convert {what} at {where or '<model>'}{reason}. Supported: {SUPPORTED}."
-    )
-    exc.module = where
-    exc.op = what
+@dataclass(frozen=True)
+class Blocker:
+    """One part of a model that cannot run encrypted."""
+
+    where: str
+    line: str
+    what: str
+    why: str
+    fix: str = ""
+
+    def describe(self) -> str:
+        at = f"{self.where} ({self.line})" if self.line else self.where
+        reason = f": {self.why}" if self.why else ""
+        todo = f"; to fix: {self.fix}" if self.fix else ""
+        return f"{self.what} at {at}{reason}{todo}"
+
+
+def _grouped(blockers: list[Blocker]) -> list[Blocker]:
+    """Blockers with the same what, why and fix as one, listing every place."""
+    groups: dict[tuple[str, str, str], list[Blocker]] = {}
+    for b in blockers:
+        groups.setdefault((b.what, b.why, b.fix), []).append(b)
+    out = []
+    for (what, why, fix), same in groups.items():
+        places = [f"{b.where} ({b.line})" if b.line else b.where for b in same]
+        shown = ", ".join(places[:6]) + (f" and {len(places) - 6} more" if len(places) > 6 else "")
+        out.append(Blocker(shown, "", what, why, fix))
+    return out
+
+
+def _blocked(blockers: list[Blocker]) -> UnsupportedModelError:
+    groups = _grouped(blockers)
+    if len(groups) == 1:
+        text = f"cannot convert {groups[0].describe()}."
+    else:
+        items = "\n".join(f"  - {b.describe()}" for b in groups)
+        text = f"cannot convert {len(groups)} kinds of layers:\n{items}\n"
+    exc = UnsupportedModelError(f"{text} Supported: {SUPPORTED}.")
+    exc.module = blockers[0].where
+    exc.op = blockers[0].what
+    exc.blockers = list(blockers)
     return exc
 
 
-# -- tracing ---------------------------------------------------------------------------
+# -- rule lookup ------------------------------------------------------------------------------
+def _resolve(name: str) -> tuple[str, Any] | None:
+    """A registry name as ("module", class) / ("function", object) / ("method", name); None if absent here."""
+    head, _, rest = name.partition(".")
+    try:
+        if head == "Tensor":
+            return "method", rest
+        if head == "nn":
+            return "module", getattr(nn, rest)
+        if head == "F":
+            return "function", getattr(F, rest)
+        if head == "torch":
+            return "function", getattr(torch, rest)
+        if head == "operator":
+            return "function", getattr(operator, rest)
+        module_name, _, attr = name.rpartition(".")
+        value = getattr(importlib.import_module(module_name), attr)
+        return ("module" if isinstance(value, type) else "function"), value
+    except (AttributeError, ImportError):
+        return None
+
+
+def _tables(rules: Iterable[TorchRule]) -> tuple[dict[type, tuple], dict[Any, tuple], dict[str, tuple]]:
+    modules: dict[type, tuple] = {}
+    functions: dict[Any, tuple] = {}
+    methods: dict[str, tuple] = {}
+    for entry in rules:
+        for name in entry.names:
+            resolved = _resolve(name)
+            if resolved is None:
+                continue
+            kind, key = resolved
+            table = {"module": modules, "function": functions, "method": methods}[kind]
+            if key in table and table[key][1] is not entry.rule:  # aliases (F.conv2d is torch.conv2d) are fine
+                raise ValueError(f"torch name {name!r} has two trace rules")
+            table[key] = (name, entry.rule)
+    return modules, functions, methods
+
+
+_MODULES, _FUNCTIONS, _METHODS = _tables(TORCH_RULES)
+
+
+# -- tracing ------------------------------------------------------------------------------------
+class _FxTracer(fx.Tracer):
+    """torch.fx's tracer, keeping source lines, with every module type that has a rule as a leaf."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.record_stack_traces = True
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return type(m) in _MODULES or super().is_leaf_module(m, qualname)
+
+
 class _Recorder(fx.Interpreter):
-    """Runs the traced graph once and keeps every node's shape (tensors) or value (others)."""
+    """Runs the traced graph once; keeps shapes, non-tensor values, and tensors that do not depend on the input."""
 
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm)
         self.shapes: dict[fx.Node, tuple[int, ...]] = {}
         self.statics: dict[fx.Node, Any] = {}
+        self.tuples: dict[fx.Node, list[tuple[int, ...] | None]] = {}
+        self.constants: dict[fx.Node, torch.Tensor] = {}
+        self.dynamic: set[fx.Node] = set()
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
+        if n.op == "placeholder" or any(i in self.dynamic for i in n.all_input_nodes):
+            self.dynamic.add(n)
         if isinstance(result, torch.Tensor):
             self.shapes[n] = tuple(result.shape)
+            if n not in self.dynamic and n.op != "get_attr":
+                self.constants[n] = result.detach()
+        elif isinstance(result, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in result):
+            self.tuples[n] = [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in result]
         else:
             self.statics[n] = result
         return result
+
+
+def _source_line(node: fx.Node) -> str:
+    trace = node.stack_trace or ""
+    found = [(path, line) for path, line in re.findall(r'File "([^"]+)", line (\d+)', trace)
+             if "/torch/" not in path]  # the model's own code, not torch's internals
+    if not found:
+        return ""
+    path, line = found[-1]
+    return f"{path.rsplit('/', 1)[-1]}:{line}"
 
 
 def _module_path(node: fx.Node) -> str:
@@ -109,6 +226,322 @@ def _module_path(node: fx.Node) -> str:
     return f"{path}:{node.name}" if path else node.name
 
 
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float64).cpu().numpy().copy()
+
+
+class _Poisoned(Exception):
+    """An input of this node could not be converted (already reported)."""
+
+
+@dataclass(frozen=True)
+class Call:
+    """One graph node as a trace rule sees it."""
+
+    node: fx.Node
+    module: nn.Module | None
+    label: str  # the registry name that matched, e.g. "nn.Conv2d", "F.relu", "Tensor.view"
+    where: str
+
+    @property
+    def args(self) -> tuple:
+        return tuple(self.node.args)
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.node.kwargs)
+
+    def arg(self, index: int, name: str, default: Any = _MISSING) -> Any:
+        """Argument ``name`` (position ``index``) as written in the graph: a node, or a literal."""
+        args = self.node.args
+        if len(args) > index:
+            return args[index]
+        if name in self.node.kwargs:
+            return self.node.kwargs[name]
+        if default is _MISSING:
+            raise Refusal(f"missing argument {name!r}")
+        return default
+
+
+class Tracer:
+    """Walks the fx graph in order and turns each node into plan ops (the rule API; see the module docstring)."""
+
+    def __init__(self, gm: fx.GraphModule, recorder: _Recorder):
+        self.gm = gm
+        self.rec = recorder
+        self.modules = dict(gm.named_modules())
+        self.ops: list[Op] = []
+        self.shapes: dict[str, tuple[int, ...]] = {}  # op name -> shape without the batch
+        self.weights: dict[str, np.ndarray] = {}
+        self.refs: dict[str, str] = {}  # node name -> op name holding its value
+        self.tuples: dict[str, list[str | None]] = {}
+        self.moved: dict[str, tuple[str, tuple[int, ...]]] = {}  # node -> (source op, permutation moving the batch)
+        self.params: dict[str, np.ndarray] = {}  # node name -> model tensor (parameters, buffers, folded)
+        self.poisoned: set[str] = set()
+        self.blocked: set[str] = set()  # nodes reported as blockers; their outputs are stand-ins
+        self.blockers: list[Blocker] = []
+        self.input_name = ""
+
+    # -- the rule API ----------------------------------------------------------------------------
+    def tensor(self, v: Any) -> str:
+        if isinstance(v, str) and v in self.shapes:
+            return v
+        if isinstance(v, fx.Node):
+            if v.name in self.poisoned:
+                raise _Poisoned(v.name)
+            if v.name in self.refs:
+                return self.refs[v.name]
+            if v.name in self.params:
+                raise Refusal("a model parameter used as data where an activation is expected",
+                              "parameters may be layer weights, or added to or multiplied with activations")
+            if v.name in self.moved:
+                raise Refusal(f"{v.name} moves the batch dimension away from the front",
+                              "keep dimension 0 first, or index the new leading dimension right away "
+                              "(q, k, v = qkv[0], qkv[1], qkv[2] or qkv.unbind(0))")
+        raise Refusal(f"expected an activation tensor, got {v!r}")
+
+    def is_tensor(self, v: Any) -> bool:
+        if isinstance(v, str):
+            return v in self.shapes
+        if isinstance(v, fx.Node) and v.name in self.poisoned:
+            raise _Poisoned(v.name)
+        return isinstance(v, fx.Node) and (v.name in self.refs or v.name in self.moved)
+
+    def move_batch(self, c: Call, x: Any, perm: tuple[int, ...]) -> None:
+        """A permutation moving the batch: allowed when its result is only indexed along the new first axis."""
+        self.moved[c.node.name] = (self.tensor(x), tuple(perm))
+
+    def batch_moved(self, v: Any) -> tuple[str, tuple[int, ...]] | None:
+        """(source op, permutation) of a value whose batch dimension was moved, else None."""
+        return self.moved.get(v.name) if isinstance(v, fx.Node) else None
+
+    def is_tuple(self, v: Any) -> bool:
+        return isinstance(v, fx.Node) and v.name in self.tuples
+
+    def tuple_item(self, v: fx.Node, index: int) -> str:
+        items = self.tuples[v.name]
+        item = items[index] if -len(items) <= index < len(items) else None
+        if item is None:
+            if v.name in self.blocked:
+                raise _Poisoned(v.name)  # a blocked layer's output: reported there
+            raise Refusal(f"output {index} of {v.name} is not available encrypted")
+        return item
+
+    def constant(self, v: Any) -> np.ndarray | None:
+        if isinstance(v, fx.Node) and v.name in self.params:
+            return self.params[v.name]
+        return None
+
+    def array(self, value: torch.Tensor | None) -> np.ndarray | None:
+        return None if value is None else _to_numpy(value)
+
+    def static(self, v: Any) -> Any:
+        if isinstance(v, fx.Node):
+            if v in self.rec.statics:
+                return self.rec.statics[v]
+            raise Refusal(f"{v.name} is a tensor where a constant is expected")
+        if isinstance(v, slice):
+            return slice(self.static(v.start), self.static(v.stop), self.static(v.step))
+        if isinstance(v, (list, tuple)):
+            return type(v)(self.static(e) for e in v)
+        return v
+
+    def shape(self, v: Any) -> tuple[int, ...]:
+        return self.shapes[self.tensor(v)]
+
+    def out_shape(self, c: Call) -> tuple[int, ...]:
+        if c.node not in self.rec.shapes:
+            raise Refusal("the call does not return a tensor")
+        return self.rec.shapes[c.node][1:]
+
+    def check_batch(self, c: Call) -> None:
+        full = self.rec.shapes.get(c.node, ())
+        if not full or full[0] != _BATCH:
+            raise Refusal("the batch dimension must stay first and whole", "keep dimension 0 as the batch")
+
+    def emit(self, c: Call, kind: str, inputs: list[str], attrs: dict[str, Any] | None = None,
+             params: dict[str, np.ndarray] | None = None) -> str:
+        name = self._add(c, c.node.name, kind, inputs, attrs, params, self.out_shape(c))
+        self.refs[c.node.name] = name
+        return name
+
+    def sub(self, c: Call, tag: str, kind: str, inputs: list[str], attrs: dict[str, Any] | None = None,
+            params: dict[str, np.ndarray] | None = None) -> str:
+        return self._add(c, f"{c.node.name}__{tag}", kind, inputs, attrs, params, None)
+
+    def alias(self, c: Call, name: str) -> None:
+        self.refs[c.node.name] = self.tensor(name)
+
+    def outputs(self, c: Call, names: list[str | None]) -> None:
+        self.tuples[c.node.name] = list(names)
+
+    def rebind(self, x: Any, c: Call) -> None:
+        """After an in-place op, later readers of x see the op's result."""
+        if isinstance(x, fx.Node) and c.node.name in self.refs:
+            self.refs[x.name] = self.refs[c.node.name]
+
+    def data(self, v: Any) -> str:
+        """An activation, or a model tensor expanded over the batch (its batch slices equal) as a ``param`` op."""
+        if self.is_tensor(v):
+            return self.tensor(v)
+        value = self.constant(v)
+        if value is None or value.ndim == 0 or value.shape[0] != _BATCH or not np.all(value == value[:1]):
+            raise Refusal("a model tensor used as data must be expanded over the batch",
+                          "expand it to the batch size (as a class token)")
+        return self._param(v.name, value[:1])
+
+    def emit_param(self, c: Call, v: Any) -> str:
+        """A model tensor expanded over the batch by this call (``class_token.expand(n, -1, -1)``)."""
+        value = self.constant(v)
+        if value is None:
+            raise Refusal(f"expected a model tensor, got {v!r}")
+        self.check_batch(c)
+        out = self.out_shape(c)
+        try:
+            expanded = np.broadcast_to(value, (1,) + out).copy() if value.ndim <= len(out) + 1 else None
+        except ValueError:
+            expanded = None
+        if expanded is None or (value.ndim == len(out) + 1 and value.shape[0] != 1):
+            raise Refusal(f"a model tensor of shape {value.shape} expanded to (N, {out})")
+        name = self._param(c.node.name, expanded)
+        self.refs[c.node.name] = name
+        return name
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _param(self, base: str, value: np.ndarray) -> str:
+        name = f"{base}__value" if f"{base}__value" not in self.shapes else f"{base}__value{len(self.ops)}"
+        self.ops.append(Op(name=name, kind="param", inputs=(self.input_name,), params=(f"{name}.value",),
+                           param_shapes=(tuple(value.shape),), shape=tuple(value.shape[1:]), source=base))
+        self.weights[f"{name}.value"] = value
+        self.shapes[name] = tuple(value.shape[1:])
+        return name
+
+    def _add(self, c: Call, name: str, kind: str, inputs: list[str], attrs: dict[str, Any] | None,
+             params: dict[str, np.ndarray] | None, shape: tuple[int, ...] | None) -> str:
+        if name in self.shapes:
+            raise ValueError(f"op name {name!r} is used twice")
+        names, shapes = [], []
+        for key, arr in (params or {}).items():
+            full = f"{name}.{key}"
+            arr = np.asarray(arr, dtype=np.float64)
+            self.weights[full] = arr
+            names.append(full)
+            shapes.append(tuple(arr.shape))
+        op = Op(name=name, kind=kind, inputs=tuple(inputs), attrs=dict(attrs or {}), params=tuple(names),
+                param_shapes=tuple(shapes), shape=(), source=c.where)
+        if shape is None:
+            shape = self._infer_shape(op)
+        op = replace(op, shape=tuple(int(d) for d in shape))
+        self.ops.append(op)
+        self.shapes[name] = op.shape
+        return name
+
+    def _infer_shape(self, op: Op) -> tuple[int, ...]:
+        """An intermediate's shape: its plaintext rule on a zero batch of one."""
+        xs = [np.zeros((1,) + self.shapes[i]) for i in op.inputs]
+        out = KINDS[op.kind].plaintext(op, xs, [np.zeros(s) for s in op.param_shapes])
+        return tuple(out.shape[1:])
+
+    # -- the walk -----------------------------------------------------------------------------------
+    def build(self) -> tuple[list[Op], dict[str, np.ndarray], str, int | None]:
+        output = ""
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                if self.input_name:
+                    self._block(node, "a second input", "models must take exactly one tensor")
+                    continue
+                self.input_name = node.name
+                self.refs[node.name] = node.name
+                self.shapes[node.name] = self.rec.shapes[node][1:]
+            elif node.op == "get_attr":
+                value = self.gm
+                for part in str(node.target).split("."):
+                    value = getattr(value, part)
+                if isinstance(value, torch.Tensor):
+                    self.params[node.name] = _to_numpy(value)
+            elif node.op == "output":
+                output = self._output(node)
+            elif node in self.rec.statics:
+                continue  # sizes, shapes and other constants: read where they are used
+            elif node in self.rec.constants:
+                self.params[node.name] = _to_numpy(self.rec.constants[node])  # a model tensor
+            elif any(i.name in self.poisoned for i in node.all_input_nodes):
+                self.poisoned.add(node.name)
+            else:
+                self._node(node)
+        if self.blockers:
+            raise _blocked(self.blockers)
+        softmax_axis: int | None = None
+        last = next((op for op in self.ops if op.name == output), None)
+        if last is not None and last.kind == "softmax":
+            softmax_axis = int(last.attrs["axis"])
+            output = last.inputs[0]
+            self.ops.remove(last)
+        return self.ops, self.weights, output, softmax_axis
+
+    def _block(self, node: fx.Node, what: str, why: str, fix: str = "") -> None:
+        """Report a blocker and stand in for its output (same shape), so later layers are checked too."""
+        self.blockers.append(Blocker(_module_path(node), _source_line(node), what, why, fix))
+        self.blocked.add(node.name)
+        self.refs.pop(node.name, None)
+        self.tuples.pop(node.name, None)
+        if node in self.rec.shapes:
+            self.refs[node.name] = self._stand_in(node.name, self.rec.shapes[node][1:])
+        elif node in self.rec.tuples:
+            self.tuples[node.name] = [None if shape is None or not shape else self._stand_in(f"{node.name}__{k}", shape[1:])
+                                      for k, shape in enumerate(self.rec.tuples[node])]
+        else:
+            self.poisoned.add(node.name)
+
+    def _stand_in(self, name: str, shape: tuple[int, ...]) -> str:
+        self.shapes[f"{name}__blocked"] = tuple(shape)
+        return f"{name}__blocked"
+
+    def _output(self, node: fx.Node) -> str:
+        value = node.args[0]
+        if isinstance(value, (tuple, list)) and len(value) == 1:
+            value = value[0]
+        if isinstance(value, fx.Node) and value.name in self.poisoned:
+            return ""
+        if not isinstance(value, fx.Node) or value.name not in self.refs:
+            self._block(node, "the model's return value", "the model must return a single tensor")
+            return ""
+        return self.refs[value.name]
+
+    def _lookup(self, node: fx.Node) -> tuple[str, Any, nn.Module | None]:
+        if node.op == "call_module":
+            module = self.modules[str(node.target)]
+            for cls in type(module).__mro__:
+                if cls in _MODULES:
+                    name, rule = _MODULES[cls]
+                    return name, rule, module
+            return type(module).__name__, None, module
+        if node.op == "call_function":
+            label = getattr(node.target, "__name__", str(node.target))
+            name, rule = _FUNCTIONS.get(node.target, (label, None))
+            return name, rule, None
+        name, rule = _METHODS.get(str(node.target), (f"Tensor.{node.target}", None))
+        return name, rule, None
+
+    def _node(self, node: fx.Node) -> None:
+        label, rule, module = self._lookup(node)
+        what = type(module).__name__ if module is not None else label.split(".")[-1]
+        if rule is None:
+            self._block(node, what, "no encrypted implementation",
+                        "replace it with a supported layer (see the list below)")
+            return
+        call = Call(node, module, label, _module_path(node))
+        try:
+            rule(self, call)
+        except _Poisoned:
+            self.poisoned.add(node.name)
+        except Refusal as refusal:
+            self._block(node, what, refusal.why, refusal.fix)
+        except (TypeError, ValueError, KeyError, IndexError) as exc:
+            self._block(node, what, f"cannot read its arguments: {exc}")
+
+
+# -- convert ------------------------------------------------------------------------------------
 def convert(
     model: nn.Module,
     input_shape: Iterable[int],
@@ -121,11 +554,12 @@ def convert(
     Args:
         model: a torch module in eval mode (BatchNorm uses its running statistics).
         input_shape: one input's shape without the batch dimension, e.g. ``(3, 224, 224)``.
-        fold_batchnorm: fold BatchNorm into the preceding conv/linear where possible.
+        fold_batchnorm: fold affine ops (BatchNorm, layer scales) into the preceding conv/linear where possible.
         pool_before_relu: run max-pooling before the ReLU (or clamp) it follows.
 
     Raises:
-        UnsupportedModelError: the model uses an op the bridge cannot run encrypted.
+        UnsupportedModelError: the model uses something the bridge cannot run encrypted
+            (every such part is listed, with its module path and source line).
         ConfigError: the model is in training mode or ``input_shape`` is invalid.
     """
     shape = tuple(int(d) for d in input_shape)
@@ -136,9 +570,11 @@ def convert(
     if model.training:
         raise ConfigError("the model is in training mode; call model.eval() before converting it")
     try:
-        gm = fx.symbolic_trace(model)
+        graph = _FxTracer().trace(model)
     except Exception as exc:  # fx raises many types for untraceable code
-        raise unsupported(type(model).__name__, "the forward pass", f"torch.fx cannot trace it: {exc}") from exc
+        raise _blocked([Blocker(type(model).__name__, "", "the forward pass", f"torch.fx cannot trace it: {exc}",
+                                "remove data-dependent control flow from forward")]) from exc
+    gm = fx.GraphModule(model, graph)
     recorder = _Recorder(gm)
     try:
         with torch.no_grad():
@@ -146,534 +582,16 @@ def convert(
     except Exception as exc:
         dims = ", ".join(map(str, shape))
         raise ConfigError(f"the model does not run on inputs of shape (N, {dims}): {exc}") from exc
-    builder = _Builder(gm, recorder)
-    ops, weights, output, softmax_axis = builder.build()
-    plan = Plan(
-        ops=tuple(ops),
-        input_name=builder.input_name,
-        input_shape=shape,
-        output=output,
-        softmax_axis=softmax_axis,
-    )
+    tracer = Tracer(gm, recorder)
+    ops, weights, output, softmax_axis = tracer.build()
+    plan = Plan(ops=tuple(ops), input_name=tracer.input_name, input_shape=shape, output=output,
+                softmax_axis=softmax_axis)
     if fold_batchnorm:
         plan, weights = _fold_affine(plan, weights)
     if pool_before_relu:
         plan = _pool_before_activation(plan)
     plan = plan.pruned()
     return ConvertedModel(plan, {k: weights[k] for k in plan.param_shapes()})
-
-
-# -- node -> op ----------------------------------------------------------------------------
-def _arg(args: tuple, kwargs: Mapping[str, Any], index: int, name: str, default: Any = ...) -> Any:
-    if len(args) > index:
-        return args[index]
-    if name in kwargs:
-        return kwargs[name]
-    if default is ...:
-        raise TypeError(f"missing argument {name!r}")
-    return default
-
-
-def _pair(v: Any) -> tuple[int, int]:
-    if isinstance(v, (list, tuple)):
-        if len(v) == 1:
-            return int(v[0]), int(v[0])
-        return int(v[0]), int(v[1])
-    return int(v), int(v)
-
-
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to(torch.float64).cpu().numpy().copy()
-
-
-class _Builder:
-    """Walks the fx graph in order, emitting op records and collecting weights."""
-
-    def __init__(self, gm: fx.GraphModule, recorder: _Recorder):
-        self.gm = gm
-        self.shapes = recorder.shapes
-        self.statics = recorder.statics
-        self.modules = dict(gm.named_modules())
-        self.ops: list[Op] = []
-        self.weights: dict[str, np.ndarray] = {}
-        self.alias: dict[str, str] = {}  # node name -> name of the op that holds its value
-        self.params: dict[str, torch.Tensor] = {}  # get_attr node name -> tensor
-        self.input_name = ""
-
-    # helpers ------------------------------------------------------------------------
-    def ref(self, value: Any, node: fx.Node) -> str:
-        """The op name holding a tensor argument."""
-        if isinstance(value, fx.Node):
-            if value.name in self.params:
-                raise unsupported(_module_path(node), f"{node.target} on a model parameter as data",
-                                  "parameters may only be the weight/bias of a layer")
-            if value in self.shapes:
-                return self.alias.get(value.name, value.name)
-        raise unsupported(_module_path(node), str(node.target), f"expected a tensor argument, got {value!r}")
-
-    def static(self, value: Any) -> Any:
-        """A non-tensor argument's concrete value (sizes and the like)."""
-        if isinstance(value, fx.Node):
-            if value not in self.statics:
-                raise TypeError(f"{value.name} is a tensor where a constant is expected")
-            return self.statics[value]
-        if isinstance(value, (list, tuple)):
-            return type(value)(self.static(v) for v in value)
-        return value
-
-    def out_shape(self, node: fx.Node) -> tuple[int, ...]:
-        return self.shapes[node][1:]
-
-    def emit(self, node: fx.Node, kind: str, inputs: list[str], attrs: dict[str, Any] | None = None,
-             params: dict[str, np.ndarray] | None = None) -> None:
-        names, shapes = [], []
-        for key, arr in (params or {}).items():
-            full = f"{node.name}.{key}"
-            self.weights[full] = arr
-            names.append(full)
-            shapes.append(tuple(arr.shape))
-        self.ops.append(Op(
-            name=node.name, kind=kind, inputs=tuple(inputs), attrs=dict(attrs or {}),
-            params=tuple(names), param_shapes=tuple(shapes), shape=self.out_shape(node),
-            source=_module_path(node),
-        ))
-
-    def same_as(self, node: fx.Node, source: str) -> None:
-        self.alias[node.name] = source
-
-    def check_batch(self, node: fx.Node, src: fx.Node) -> None:
-        if self.shapes[node][0] != _BATCH or self.shapes[src][0] != _BATCH:
-            raise unsupported(_module_path(node), str(node.target), "the batch dimension must stay first and intact")
-
-    # driver ---------------------------------------------------------------------------
-    def build(self) -> tuple[list[Op], dict[str, np.ndarray], str, int | None]:
-        output = ""
-        softmax_axis: int | None = None
-        nodes = list(self.gm.graph.nodes)
-        for node in nodes:
-            if node.op == "placeholder":
-                if self.input_name:
-                    raise unsupported(node.name, "a second input", "models must take exactly one tensor")
-                self.input_name = node.name
-            elif node.op == "get_attr":
-                value = self.gm
-                for part in str(node.target).split("."):
-                    value = getattr(value, part)
-                if isinstance(value, torch.Tensor):
-                    self.params[node.name] = value
-                    self.shapes.pop(node, None)
-                else:
-                    self.statics[node] = value
-            elif node.op == "output":
-                output = self._output(node)
-            elif node in self.statics:
-                continue  # sizes, shapes and other constants: read where they are used
-            else:
-                self._node(node)
-        # a final softmax is applied by the data owner to the revealed logits
-        last = next((op for op in self.ops if op.name == output), None)
-        if last is not None and last.kind == "softmax":
-            softmax_axis = int(last.attrs["axis"])
-            output = last.inputs[0]
-            self.ops.remove(last)
-        for op in self.ops:
-            if op.kind == "softmax":
-                raise unsupported(op.source, "Softmax", "softmax is supported only as the model's final op")
-        return self.ops, self.weights, output, softmax_axis
-
-    def _output(self, node: fx.Node) -> str:
-        value = node.args[0]
-        if isinstance(value, (tuple, list)) and len(value) == 1:
-            value = value[0]
-        if not isinstance(value, fx.Node) or value not in self.shapes:
-            raise unsupported("output", "the model's return value", "the model must return a single tensor")
-        return self.ref(value, node)
-
-    def _node(self, node: fx.Node) -> None:
-        if node.op == "call_module":
-            module = self.modules[str(node.target)]
-            handler = _MODULE_HANDLERS.get(type(module))
-            if handler is None:
-                raise unsupported(str(node.target), type(module).__name__)
-            handler(self, node, module)
-            return
-        if node.op == "call_function":
-            handler = _FUNCTION_HANDLERS.get(node.target)
-            label = getattr(node.target, "__name__", str(node.target))
-        else:  # call_method
-            handler = _METHOD_HANDLERS.get(str(node.target))
-            label = f"Tensor.{node.target}"
-        if handler is None:
-            raise unsupported(_module_path(node), label)
-        try:
-            handler(self, node, tuple(node.args), dict(node.kwargs))
-        except UnsupportedModelError:
-            raise
-        except (TypeError, ValueError, KeyError) as exc:
-            raise unsupported(_module_path(node), label, str(exc)) from exc
-
-    # layers ---------------------------------------------------------------------------
-    def conv(self, node: fx.Node, x: Any, weight: torch.Tensor, bias: torch.Tensor | None,
-             stride: Any, padding: Any, dilation: Any, groups: int) -> None:
-        if weight.dim() != 4:
-            raise unsupported(_module_path(node), "conv2d", f"expected a 4-d weight, got {tuple(weight.shape)}")
-        kernel = tuple(weight.shape[2:])
-        dil = _pair(dilation)
-        if isinstance(padding, str):
-            if padding == "valid":
-                pad = (0, 0)
-            elif padding == "same":
-                totals = [d * (k - 1) for d, k in zip(dil, kernel)]
-                if any(t % 2 for t in totals):
-                    raise unsupported(_module_path(node), "conv2d padding='same'",
-                                      "asymmetric padding is not supported")
-                pad = (totals[0] // 2, totals[1] // 2)
-            else:
-                raise unsupported(_module_path(node), f"conv2d padding={padding!r}")
-        else:
-            pad = _pair(padding)
-        w = _to_numpy(weight)
-        b = _to_numpy(bias) if bias is not None else np.zeros(w.shape[0])
-        self.emit(node, "conv2d", [self.ref(x, node)],
-                  {"stride": _pair(stride), "padding": pad, "dilation": dil, "groups": int(groups)},
-                  {"weight": w, "bias": b})
-
-    def linear(self, node: fx.Node, x: Any, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        if weight.dim() != 2:
-            raise unsupported(_module_path(node), "linear", f"expected a 2-d weight, got {tuple(weight.shape)}")
-        w = _to_numpy(weight)
-        b = _to_numpy(bias) if bias is not None else np.zeros(w.shape[0])
-        self.emit(node, "linear", [self.ref(x, node)], {}, {"weight": w, "bias": b})
-
-    def batchnorm(self, node: fx.Node, x: Any, mean: torch.Tensor | None, var: torch.Tensor | None,
-                  weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> None:
-        if mean is None or var is None:
-            raise unsupported(_module_path(node), "BatchNorm without running statistics",
-                              "set track_running_stats=True and train the statistics")
-        scale = 1.0 / np.sqrt(_to_numpy(var) + float(eps))
-        if weight is not None:
-            scale = scale * _to_numpy(weight)
-        shift = -_to_numpy(mean) * scale
-        if bias is not None:
-            shift = shift + _to_numpy(bias)
-        if len(self.shapes[node]) < 2:
-            raise unsupported(_module_path(node), "BatchNorm", "the input needs a channel dimension")
-        self.emit(node, "affine", [self.ref(x, node)], {}, {"scale": scale, "shift": shift})
-
-    def clamp(self, node: fx.Node, x: Any, low: Any, high: Any, inplace: bool = False) -> None:
-        low = None if low is None else float(self.static(low))
-        high = None if high is None else float(self.static(high))
-        if low is None and high is None:
-            self.same_as(node, self.ref(x, node))
-            return
-        kind = "relu" if (low == 0.0 and high is None) else "clamp"
-        attrs = {} if kind == "relu" else {"low": low, "high": high}
-        self.emit(node, kind, [self.ref(x, node)], attrs)
-        if inplace:
-            self._rebind(x, node)
-
-    def relu(self, node: fx.Node, x: Any, inplace: bool = False) -> None:
-        self.clamp(node, x, 0.0, None, inplace)
-
-    def _rebind(self, x: Any, node: fx.Node) -> None:
-        # After an in-place op, later readers of x see the op's result.
-        if isinstance(x, fx.Node):
-            self.alias[x.name] = node.name
-
-    def max_pool(self, node: fx.Node, x: Any, kernel: Any, stride: Any, padding: Any,
-                 dilation: Any, ceil_mode: bool, return_indices: bool) -> None:
-        where = _module_path(node)
-        if _pair(dilation) != (1, 1):
-            raise unsupported(where, "MaxPool2d", "dilation must be 1")
-        if ceil_mode:
-            raise unsupported(where, "MaxPool2d", "ceil_mode must be False")
-        if return_indices:
-            raise unsupported(where, "MaxPool2d", "return_indices must be False")
-        k = _pair(kernel)
-        s = k if stride is None or stride == [] or stride == () else _pair(stride)
-        self._check_spatial(node)
-        self.emit(node, "max_pool2d", [self.ref(x, node)], {"kernel": k, "stride": s, "padding": _pair(padding)})
-
-    def avg_pool(self, node: fx.Node, x: Any, kernel: Any, stride: Any, padding: Any,
-                 ceil_mode: bool, count_include_pad: bool, divisor_override: Any) -> None:
-        if ceil_mode:
-            raise unsupported(_module_path(node), "AvgPool2d", "ceil_mode must be False")
-        k = _pair(kernel)
-        s = k if stride is None or stride == [] or stride == () else _pair(stride)
-        self._check_spatial(node)
-        self.emit(node, "avg_pool2d", [self.ref(x, node)], {
-            "kernel": k, "stride": s, "padding": _pair(padding),
-            "count_include_pad": bool(count_include_pad),
-            "divisor": None if divisor_override is None else int(divisor_override),
-        })
-
-    def adaptive_avg_pool(self, node: fx.Node, x: Any, output_size: Any) -> None:
-        self._check_spatial(node)
-        self.emit(node, "adaptive_avg_pool2d", [self.ref(x, node)], {"output": tuple(self.out_shape(node)[-2:])})
-
-    def _check_spatial(self, node: fx.Node) -> None:
-        if len(self.shapes[node]) != 4:
-            raise unsupported(_module_path(node), str(node.target), "pooling expects NCHW tensors")
-
-    def reshape(self, node: fx.Node, x: Any) -> None:
-        src = x if isinstance(x, fx.Node) else None
-        if src is None:
-            raise unsupported(_module_path(node), "reshape", "expected a tensor")
-        self.check_batch(node, src)
-        if self.shapes[node] == self.shapes[src]:
-            self.same_as(node, self.ref(x, node))
-            return
-        self.emit(node, "reshape", [self.ref(x, node)], {"shape": self.out_shape(node)})
-
-    def mean(self, node: fx.Node, x: Any, dims: Any, keepdim: bool) -> None:
-        ndim = len(self.shapes[x])
-        dims = self.static(dims)
-        dims = (dims,) if isinstance(dims, int) else tuple(dims)
-        axes = tuple(sorted({d % ndim for d in dims}))
-        if not axes or 0 in axes:
-            raise unsupported(_module_path(node), "mean", "averaging over the batch dimension is not supported")
-        self.emit(node, "mean", [self.ref(x, node)], {"axes": axes, "keepdim": bool(keepdim)})
-
-    def add(self, node: fx.Node, a: Any, b: Any, alpha: Any = 1) -> None:
-        if alpha != 1:
-            raise unsupported(_module_path(node), "add", "alpha must be 1")
-        tensors = [v for v in (a, b) if isinstance(v, fx.Node) and v in self.shapes]
-        if len(tensors) == 2:
-            if self.shapes[a] != self.shapes[b]:
-                raise unsupported(_module_path(node), "add", f"broadcasting {self.shapes[a]} + {self.shapes[b]}")
-            self.emit(node, "add", [self.ref(a, node), self.ref(b, node)])
-        elif len(tensors) == 1:
-            const = self.static(b if tensors[0] is a else a)
-            if not isinstance(const, (int, float)):
-                raise unsupported(_module_path(node), "add", f"constant {const!r}; only Python numbers are supported")
-            self.emit(node, "add_const", [self.ref(tensors[0], node)], {"value": float(const)})
-        else:
-            raise unsupported(_module_path(node), "add", "needs a tensor operand")
-
-    def cat(self, node: fx.Node, tensors: Any, dim: Any) -> None:
-        if not isinstance(tensors, (list, tuple)) or not tensors:
-            raise unsupported(_module_path(node), "cat", "expected a list of tensors")
-        ndim = len(self.shapes[node])
-        axis = int(self.static(dim)) % ndim
-        if axis == 0:
-            raise unsupported(_module_path(node), "cat", "concatenating along the batch dimension")
-        self.emit(node, "cat", [self.ref(t, node) for t in tensors], {"axis": axis})
-
-    def softmax(self, node: fx.Node, x: Any, dim: Any) -> None:
-        if dim is None:
-            raise unsupported(_module_path(node), "softmax", "give dim explicitly")
-        ndim = len(self.shapes[node])
-        axis = int(self.static(dim)) % ndim
-        self.emit(node, "softmax", [self.ref(x, node)], {"axis": axis})
-
-
-# -- handler tables ----------------------------------------------------------------------
-def _m_conv(b: _Builder, node: fx.Node, m: nn.Conv2d) -> None:
-    if m.padding_mode != "zeros":
-        raise unsupported(str(node.target), "Conv2d", f"padding_mode={m.padding_mode!r}; only 'zeros'")
-    b.conv(node, node.args[0], m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
-
-
-def _m_batchnorm(b: _Builder, node: fx.Node, m: nn.modules.batchnorm._BatchNorm) -> None:
-    b.batchnorm(node, node.args[0], m.running_mean, m.running_var,
-                m.weight if m.affine else None, m.bias if m.affine else None, m.eps)
-
-
-def _m_hardtanh(b: _Builder, node: fx.Node, m: nn.Hardtanh) -> None:
-    b.clamp(node, node.args[0], m.min_val, m.max_val, m.inplace)
-
-
-def _m_identity(b: _Builder, node: fx.Node, m: nn.Module) -> None:
-    if isinstance(m, nn.modules.dropout._DropoutNd) and m.training:
-        raise ConfigError(f"{node.target} is a Dropout in training mode; call model.eval() first")
-    b.same_as(node, b.ref(node.args[0], node))
-
-
-def _m_flatten(b: _Builder, node: fx.Node, m: nn.Flatten) -> None:
-    b.reshape(node, node.args[0])
-
-
-def _m_softmax(b: _Builder, node: fx.Node, m: nn.Softmax) -> None:
-    b.softmax(node, node.args[0], m.dim)
-
-
-_MODULE_HANDLERS: dict[type, Callable[[_Builder, fx.Node, Any], None]] = {
-    nn.Conv2d: _m_conv,
-    nn.Linear: lambda b, n, m: b.linear(n, n.args[0], m.weight, m.bias),
-    nn.BatchNorm1d: _m_batchnorm,
-    nn.BatchNorm2d: _m_batchnorm,
-    nn.ReLU: lambda b, n, m: b.relu(n, n.args[0], m.inplace),
-    nn.ReLU6: _m_hardtanh,
-    nn.Hardtanh: _m_hardtanh,
-    nn.MaxPool2d: lambda b, n, m: b.max_pool(n, n.args[0], m.kernel_size, m.stride, m.padding,
-                                             m.dilation, m.ceil_mode, m.return_indices),
-    nn.AvgPool2d: lambda b, n, m: b.avg_pool(n, n.args[0], m.kernel_size, m.stride, m.padding,
-                                             m.ceil_mode, m.count_include_pad, m.divisor_override),
-    nn.AdaptiveAvgPool2d: lambda b, n, m: b.adaptive_avg_pool(n, n.args[0], m.output_size),
-    nn.Flatten: _m_flatten,
-    nn.Dropout: _m_identity,
-    nn.Dropout1d: _m_identity,
-    nn.Dropout2d: _m_identity,
-    nn.Dropout3d: _m_identity,
-    nn.AlphaDropout: _m_identity,
-    nn.Identity: _m_identity,
-    nn.Softmax: _m_softmax,
-}
-
-
-def _param(b: _Builder, node: fx.Node, value: Any, what: str) -> torch.Tensor | None:
-    if value is None:
-        return None
-    if isinstance(value, fx.Node) and value.name in b.params:
-        return b.params[value.name]
-    raise unsupported(_module_path(node), what, "weights must be model parameters or buffers, not computed tensors")
-
-
-def _f_conv(b: _Builder, n: fx.Node, a: tuple, k: dict) -> None:
-    b.conv(n, _arg(a, k, 0, "input"), _param(b, n, _arg(a, k, 1, "weight"), "conv2d"),
-           _param(b, n, _arg(a, k, 2, "bias", None), "conv2d"), b.static(_arg(a, k, 3, "stride", 1)),
-           b.static(_arg(a, k, 4, "padding", 0)), b.static(_arg(a, k, 5, "dilation", 1)),
-           int(b.static(_arg(a, k, 6, "groups", 1))))
-
-
-def _f_linear(b: _Builder, n: fx.Node, a: tuple, k: dict) -> None:
-    b.linear(n, _arg(a, k, 0, "input"), _param(b, n, _arg(a, k, 1, "weight"), "linear"),
-             _param(b, n, _arg(a, k, 2, "bias", None), "linear"))
-
-
-def _f_batchnorm(b: _Builder, n: fx.Node, a: tuple, k: dict) -> None:
-    if b.static(_arg(a, k, 5, "training", False)):
-        raise ConfigError(f"{_module_path(n)}: batch_norm is called with training=True; use eval statistics")
-    b.batchnorm(n, _arg(a, k, 0, "input"), _param(b, n, _arg(a, k, 1, "running_mean"), "batch_norm"),
-                _param(b, n, _arg(a, k, 2, "running_var"), "batch_norm"),
-                _param(b, n, _arg(a, k, 3, "weight", None), "batch_norm"),
-                _param(b, n, _arg(a, k, 4, "bias", None), "batch_norm"), b.static(_arg(a, k, 7, "eps", 1e-5)))
-
-
-def _f_relu(b: _Builder, n: fx.Node, a: tuple, k: dict) -> None:
-    b.relu(n, _arg(a, k, 0, "input"), bool(b.static(_arg(a, k, 1, "inplace", False))))
-
-
-def _f_relu_(b: _Builder, n: fx.Node, a: tuple, k: dict) -> None:
-    b.relu(n, _arg(a, k, 0, "input"), True)
-
-
-def _f_relu6(b: _Builder, n: fx.Node, a: tuple, k: dict) -> None:
-    b.clamp(n, _arg(a, k, 0, "input"), 0.0, 6.0, bool(b.static(_arg(a, k, 1, "inplace", False))))
-
-
-def _f_hardtanh(b: _Builder, n: fx.Node, a: tuple, k: dict) -> None:
-    b.clamp(n, _arg(a, k, 0, "input"), _arg(a, k, 1, "min_val", -1.0), _arg(a, k, 2, "max_val", 1.0),
-            bool(b.static(_arg(a, k, 3, "inplace", False))))
-
-
-def _f_clamp(b: _Builder, n: fx.Node, a: tuple, k: dict, inplace: bool = False) -> None:
-    low, high = _arg(a, k, 1, "min", None), _arg(a, k, 2, "max", None)
-    for bound in (low, high):
-        if isinstance(bound, fx.Node) and bound not in b.statics:
-            raise unsupported(_module_path(n), "clamp", "bounds must be constants")
-    b.clamp(n, _arg(a, k, 0, "input"), low, high, inplace)
-
-
-def _f_clamp_min(b: _Builder, n: fx.Node, a: tuple, k: dict, inplace: bool = False) -> None:
-    b.clamp(n, _arg(a, k, 0, "input"), _arg(a, k, 1, "min"), None, inplace)
-
-
-def _f_max_pool(b: _Builder, n: fx.Node, a: tuple, k: dict) -> None:
-    s = b.static
-    b.max_pool(n, _arg(a, k, 0, "input"), s(_arg(a, k, 1, "kernel_size")), s(_arg(a, k, 2, "stride", None)),
-               s(_arg(a, k, 3, "padding", 0)), s(_arg(a, k, 4, "dilation", 1)),
-               bool(s(_arg(a, k, 5, "ceil_mode", False))), bool(s(_arg(a, k, 6, "return_indices", False))))
-
-
-def _f_avg_pool(b: _Builder, n: fx.Node, a: tuple, k: dict) -> None:
-    s = b.static
-    b.avg_pool(n, _arg(a, k, 0, "input"), s(_arg(a, k, 1, "kernel_size")), s(_arg(a, k, 2, "stride", None)),
-               s(_arg(a, k, 3, "padding", 0)), bool(s(_arg(a, k, 4, "ceil_mode", False))),
-               bool(s(_arg(a, k, 5, "count_include_pad", True))), s(_arg(a, k, 6, "divisor_override", None)))
-
-
-def _f_adaptive(b: _Builder, n: fx.Node, a: tuple, k: dict) -> None:
-    b.adaptive_avg_pool(n, _arg(a, k, 0, "input"), b.static(_arg(a, k, 1, "output_size")))
-
-
-def _f_flatten(b: _Builder, n: fx.Node, a: tuple, k: dict) -> None:
-    b.reshape(n, _arg(a, k, 0, "input"))
-
-
-def _f_reshape(b: _Builder, n: fx.Node, a: tuple, k: dict) -> None:
-    b.reshape(n, a[0] if a else k.get("input"))
-
-
-def _f_add(b: _Builder, n: fx.Node, a: tuple, k: dict) -> None:
-    b.add(n, _arg(a, k, 0, "input"), _arg(a, k, 1, "other"), b.static(k.get("alpha", 1)))
-
-
-def _f_cat(b: _Builder, n: fx.Node, a: tuple, k: dict) -> None:
-    b.cat(n, _arg(a, k, 0, "tensors"), _arg(a, k, 1, "dim", 0))
-
-
-def _f_dropout(b: _Builder, n: fx.Node, a: tuple, k: dict) -> None:
-    if b.static(_arg(a, k, 2, "training", True)):
-        raise ConfigError(f"{_module_path(n)}: dropout is called with training=True; pass training=self.training "
-                          "and call model.eval()")
-    b.same_as(n, b.ref(_arg(a, k, 0, "input"), n))
-
-
-def _f_identity(b: _Builder, n: fx.Node, a: tuple, k: dict) -> None:
-    b.same_as(n, b.ref(a[0], n))
-
-
-def _f_softmax(b: _Builder, n: fx.Node, a: tuple, k: dict) -> None:
-    b.softmax(n, _arg(a, k, 0, "input"), _arg(a, k, 1, "dim", None))
-
-
-def _f_mean(b: _Builder, n: fx.Node, a: tuple, k: dict) -> None:
-    dims = _arg(a, k, 1, "dim", None)
-    if dims is None:
-        raise unsupported(_module_path(n), "mean", "give the dimensions to average over")
-    b.mean(n, _arg(a, k, 0, "input"), dims, bool(b.static(_arg(a, k, 2, "keepdim", False))))
-
-
-def _functions() -> dict[Any, Callable[..., None]]:
-    table: dict[Any, Callable[..., None]] = {
-        torch.conv2d: _f_conv, F.conv2d: _f_conv, F.linear: _f_linear, F.batch_norm: _f_batchnorm,
-        F.relu: _f_relu, torch.relu: _f_relu, torch.relu_: _f_relu_, F.relu_: _f_relu_,
-        F.relu6: _f_relu6, F.hardtanh: _f_hardtanh, torch.clamp: _f_clamp, torch.clip: _f_clamp,
-        torch.clamp_min: _f_clamp_min,
-        F.max_pool2d: _f_max_pool, torch.max_pool2d: _f_max_pool,
-        F.avg_pool2d: _f_avg_pool, F.adaptive_avg_pool2d: _f_adaptive,
-        torch.flatten: _f_flatten, torch.reshape: _f_reshape,
-        operator.add: _f_add, operator.iadd: _f_add, torch.add: _f_add,
-        torch.cat: _f_cat, torch.concat: _f_cat, torch.concatenate: _f_cat,
-        F.dropout: _f_dropout, F.dropout1d: _f_dropout, F.dropout2d: _f_dropout, F.alpha_dropout: _f_dropout,
-        F.softmax: _f_softmax, torch.softmax: _f_softmax, torch.mean: _f_mean,
-    }
-    inner = getattr(F, "_max_pool2d", None)
-    if inner is not None:
-        table[inner] = _f_max_pool
-    return table
-
-
-_FUNCTION_HANDLERS = _functions()
-
-_METHOD_HANDLERS: dict[str, Callable[..., None]] = {
-    "relu": _f_relu,
-    "relu_": _f_relu_,
-    "clamp": _f_clamp,
-    "clip": _f_clamp,
-    "clamp_": lambda b, n, a, k: _f_clamp(b, n, a, k, inplace=True),
-    "clamp_min": _f_clamp_min,
-    "clamp_min_": lambda b, n, a, k: _f_clamp_min(b, n, a, k, inplace=True),
-    "flatten": _f_flatten,
-    "view": _f_reshape,
-    "reshape": _f_reshape,
-    "add": _f_add,
-    "add_": _f_add,
-    "softmax": _f_softmax,
-    "mean": _f_mean,
-    "contiguous": _f_identity,
-}
 
 
 # -- rewrites ----------------------------------------------------------------------------
@@ -686,6 +604,13 @@ def _consumers(plan: Plan) -> dict[str, list[Op]]:
     return users
 
 
+def _foldable(src: Op, scale: np.ndarray) -> bool:
+    """A per-output-channel scale: (C, 1, 1) after a conv, (F,) on a linear layer's last axis."""
+    if src.kind == "conv2d":
+        return scale.shape == (src.shape[0], 1, 1)
+    return src.kind == "linear" and scale.shape == (src.shape[-1],)
+
+
 def _fold_affine(plan: Plan, weights: dict[str, np.ndarray]) -> tuple[Plan, dict[str, np.ndarray]]:
     """Fold each affine op whose input is a conv/linear used by nothing else into that layer."""
     weights = dict(weights)
@@ -696,18 +621,46 @@ def _fold_affine(plan: Plan, weights: dict[str, np.ndarray]) -> tuple[Plan, dict
     for op in plan.ops:
         op = replace(op, inputs=tuple(renamed.get(i, i) for i in op.inputs))
         src = producer.get(op.inputs[0]) if op.kind == "affine" else None
-        if src is not None and src.kind in ("conv2d", "linear") and len(users.get(src.name, [])) == 1:
-            scale, shift = weights[op.params[0]], weights[op.params[1]]
-            if src.kind == "conv2d" or len(src.shape) == 1:  # linear on (N, F): channels are features
-                w_key, b_key = src.params
-                w = weights[w_key]
-                weights[w_key] = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
-                weights[b_key] = weights[b_key] * scale + shift
-                renamed[op.name] = src.name
-                continue
+        if src is not None and len(users.get(src.name, [])) == 1 and _foldable(src, weights[op.params[0]]):
+            scale, shift = weights[op.params[0]].reshape(-1), weights[op.params[1]]
+            shift = np.broadcast_to(shift, weights[op.params[0]].shape).reshape(-1)
+            w_key, b_key = src.params
+            w = weights[w_key]
+            weights[w_key] = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
+            weights[b_key] = weights[b_key] * scale + shift
+            renamed[op.name] = src.name
+            continue
         kept.append(op)
     output = renamed.get(plan.output, plan.output)
-    return replace(plan, ops=tuple(kept), output=output), weights
+    return _fold_affine_forward(replace(plan, ops=tuple(kept), output=output), weights)
+
+
+def _fold_affine_forward(plan: Plan, weights: dict[str, np.ndarray]) -> tuple[Plan, dict[str, np.ndarray]]:
+    """Fold an affine op over the last axis into the linear layer that is its only consumer.
+
+    linear(x s + t) = x (W diag s)^T + (W t + b): LayerNorm's weight and bias before
+    an attention or MLP projection cost nothing.
+    """
+    weights = dict(weights)
+    users = _consumers(plan)
+    dropped: dict[str, str] = {}
+    for op in plan.ops:
+        consumers = users.get(op.name, [])
+        if op.kind != "affine" or len(consumers) != 1 or consumers[0].kind != "linear":
+            continue
+        linear = consumers[0]
+        scale, shift = weights[op.params[0]], weights[op.params[1]]
+        w_key, b_key = linear.params
+        w = weights[w_key]
+        if scale.shape != (w.shape[1],) or np.broadcast_shapes(shift.shape, scale.shape) != scale.shape:
+            continue
+        shift = np.broadcast_to(shift, scale.shape)
+        weights[b_key] = weights[b_key] + w @ shift
+        weights[w_key] = w * scale[None, :]
+        dropped[op.name] = op.inputs[0]
+    ops = tuple(replace(op, inputs=tuple(dropped.get(i, i) for i in op.inputs))
+                for op in plan.ops if op.name not in dropped)
+    return replace(plan, ops=ops), weights
 
 
 def _pool_before_activation(plan: Plan) -> Plan:
@@ -730,7 +683,6 @@ def _pool_before_activation(plan: Plan) -> Plan:
             new_act = replace(act, name=pool.name, inputs=(new_pool.name,), shape=pool.shape)
             ops[i] = new_pool
             ops[j] = new_act
-            # the op that now produces act's old name is gone: nothing else read it (single consumer)
             changed = True
             break
     return replace(plan, ops=tuple(ops))

@@ -228,7 +228,7 @@ def _run_local(args: argparse.Namespace) -> int:
 
     def run(widen_bits: int) -> list[Any]:
         # Both roles get the settings sized here, from the same bounds, by the same function.
-        fixed = size_fixed_point(model.card.bounds, **explicit, widen_bits=widen_bits).options()
+        fixed = size_fixed_point(model.card.bounds, plan=model.plan, **explicit, widen_bits=widen_bits).options()
         server = {**model_settings, "calibrate": None, "bounds": bounds, **fixed}
         owner = {**owner_settings, **fixed}
         return run_processes(local_program, parties=2, args=({"model_server": server, "data_owner": owner},))

@@ -205,6 +205,18 @@ class Context:
         self._privates += 1
         return ident
 
+    def private_ids(self, count: int) -> range:
+        """``count`` fresh :class:`PrivateTensor` ids, never handed out before in this context.
+
+        An id names the dealer's mask B of one private tensor; as ids are never
+        reused, no two tensors (the weights of two models, or of one model
+        loaded twice) are masked with the same B.  Every party must call this
+        in the same order.
+        """
+        start = self._privates
+        self._privates += int(count)
+        return range(start, start + int(count))
+
     def zero_shares(self, shape: tuple[int, ...]) -> np.ndarray:
         """This party's share of a fresh sharing of zero (no communication)."""
         index = self._randoms

@@ -112,3 +112,49 @@ class WithSoftmax(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.softmax(self.body(x))
+
+
+def randomize_zero_heads(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give zero-initialised linear layers (torchvision's ViT head) small random weights: outputs are not all 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and not m.weight.any():
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.05)
+    return model
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                         nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class UNet(nn.Module):
+    """A small U-Net for segmentation: two encoder stages, a bottleneck, one decoder stage up by ConvTranspose2d and
+    one by bilinear Upsample, skip concatenations, per-pixel class logits (N, classes, H, W)."""
+
+    def __init__(self, in_channels: int = 1, classes: int = 3, width: int = 4) -> None:
+        super().__init__()
+        w = width
+        self.enc1, self.enc2 = _block(in_channels, w), _block(w, 2 * w)
+        self.pool = nn.MaxPool2d(2)
+        self.bottleneck = _block(2 * w, 4 * w)
+        self.up2 = nn.ConvTranspose2d(4 * w, 2 * w, 2, stride=2)
+        self.dec2 = _block(4 * w, 2 * w)
+        self.up1 = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                                 nn.Conv2d(2 * w, w, 1))
+        self.dec1 = _block(2 * w, w)
+        self.head = nn.Conv2d(w, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(x)
+        e2 = self.enc2(self.pool(e1))
+        b = self.bottleneck(self.pool(e2))
+        d2 = self.dec2(torch.cat([self.up2(b), e2], dim=1))
+        d1 = self.dec1(torch.cat([self.up1(d2), e1], dim=1))
+        return self.head(d1)
+
+
+def unet(seed: int = 0, **kwargs) -> nn.Module:
+    torch.manual_seed(seed)
+    return realistic(UNet(**kwargs), seed)

@@ -47,8 +47,8 @@ def test_infer_local_resnet18_api_contract():
 
 
 def test_unsupported_model_fails_before_any_process_starts():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Flatten()).eval()
-    with pytest.raises(UnsupportedModelError, match="Tanh"):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Softplus(), nn.Flatten()).eval()
+    with pytest.raises(UnsupportedModelError, match="Softplus"):
         bridge.infer_local(model, torch.zeros(1, 3, 8, 8))
     assert multiprocessing.active_children() == []
 
@@ -135,15 +135,24 @@ def test_primia_infer_local_writes_one_json_per_image(clinic, tmp_path, capsys):
     _check_results(out, images, model, weights)
 
 
-def test_primia_infer_local_refuses_an_unsupported_model(tmp_path, capsys):
-    weights = tmp_path / "sq.pt"
-    torch.save(build_model("squeezenet1_0", num_classes=2, in_channels=3, input_size=64).state_dict(), weights)
+def test_primia_infer_local_refuses_an_unsupported_model(tmp_path, capsys, monkeypatch):
+    # every torchvision classifier converts now: the model server's architecture gets a layer the bridge refuses
+    import bridge.models
+
+    def with_softplus(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        model.relu2 = nn.Softplus()  # same state dict, one layer without an encrypted implementation
+        return model
+
+    monkeypatch.setattr(bridge.models, "build_model", with_softplus)
+    weights = tmp_path / "cnn.pt"
+    torch.save(build_model("simple_cnn", num_classes=2, in_channels=1, input_size=16, width=4).state_dict(), weights)
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "x.png")
-    code = main(["infer", "--local", "--weights", str(weights), "--model", "squeezenet1_0", "--input-size", "64",
+    code = main(["infer", "--local", "--weights", str(weights), "--model", "simple_cnn", "--input-size", "16",
                  str(tmp_path / "x.png"), "--out", str(tmp_path / "out")])
     stderr = capsys.readouterr().err
     assert code == 1
-    assert "cannot convert MaxPool2d" in stderr and "ceil_mode" in stderr and "Supported:" in stderr
+    assert "cannot convert Softplus at relu2" in stderr and "Supported:" in stderr
     assert not (tmp_path / "out").exists()
     assert multiprocessing.active_children() == []
 
@@ -187,3 +196,29 @@ def test_three_role_commands_over_the_network(clinic, tmp_path):
     # only the data owner wrote results; each server served the one session
     assert "results written" not in outs[1][0]
     assert all("stopped: 1 session(s) served, 0 failed" in o[0] for o in outs), outs
+
+
+def test_infer_local_segmentation_unet_keeps_the_output_shape():
+    """A U-Net (ConvTranspose2d and bilinear Upsample decoders, skip concatenations) end to end, three processes."""
+    from .bridge_models import unet
+
+    model = unet(in_channels=1, classes=3, width=4)
+    x = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    result = bridge.infer_local(model, x)
+    with torch.no_grad():
+        ref = model(x).double().numpy()
+    assert result.logits.shape == ref.shape == (1, 3, 16, 16)
+    assert np.abs(result.logits - ref).max() <= REL_TOL * np.abs(ref).max()
+    assert result.stats["rounds"] > 0 and result.stats["bytes"] > 0
+
+
+def test_infer_local_refuses_a_weight_that_would_overflow_the_ring():
+    """One weight of 1e12: refused with the layer named, never a wrong class."""
+    from bridge.errors import RingOverflowError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    with torch.no_grad():
+        model[3].weight[0, 0] = 1e12
+    with pytest.raises(RingOverflowError, match=r"layer 3 \(linear"):
+        bridge.infer_local(model, torch.randn(1, 1, 8, 8))

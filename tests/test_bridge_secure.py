@@ -114,7 +114,7 @@ def test_final_softmax_reveals_centred_logits_and_probabilities():
 def test_weight_bits_and_comparison_domain_are_options():
     model = resnet18()
     x = _batch((3, 32, 32), n=1)
-    owner, _, _ = encrypted(model, x, weight_bits=20, comparison_bits=64)
+    owner, _, _ = encrypted(model, x, weight_bits=20, comparison_bits=32)
     with torch.no_grad():
         _assert_close(owner["logits"][0], model(x).double().numpy())
 
@@ -245,3 +245,110 @@ def test_model_server_refuses_a_batch_the_plan_does_not_take():
     converted = convert(resnet18(), (3, 32, 32))
     with pytest.raises(ProtocolError, match=r"batch of shape \(1, 3, 16, 16\)"):
         mpc.run_local(_wrong_batch, parties=2, args=(converted.plan, converted.weights), timeout_s=30)
+
+
+# -- fresh masks for every weight ---------------------------------------------------------------------
+def _two_models(ctx, plan, weights_a, weights_b):
+    a = EncryptedModel(ctx, plan, weights_a if ctx.rank == 1 else None)
+    b = EncryptedModel(ctx, plan, weights_b if ctx.rank == 1 else None)
+    # what the data owner received: W - B for every multiplied parameter of each model, and the mask ids
+    return {name: (a.weights[name].ident, b.weights[name].ident, a.weights[name]._delta, b.weights[name]._delta)
+            for name in a.weights}
+
+
+def test_two_models_in_one_context_never_share_a_mask():
+    from bridge.fixed import encode_weights
+
+    plan_a = convert(resnet18(seed=0), (3, 16, 16))
+    plan_b = convert(resnet18(seed=1), (3, 16, 16))  # same architecture, other weights
+    for weights_b in (plan_a.weights, plan_b.weights):  # the same model loaded twice, and two different models
+        opened, _ = mpc.run_local(_two_models, parties=2, args=(plan_a.plan, plan_a.weights, weights_b))
+        ids = [i for a_id, b_id, _, _ in opened.values() for i in (a_id, b_id)]
+        assert len(set(ids)) == len(ids)  # every weight of both models has its own mask id
+        ring_a = encode_weights(plan_a.plan, plan_a.weights, act_bits=12, weight_bits=20)
+        ring_b = encode_weights(plan_a.plan, weights_b, act_bits=12, weight_bits=20)
+        for name, (_, _, delta_a, delta_b) in opened.items():
+            # with a shared mask B, (W1 - B) - (W2 - B) would reveal W1 - W2
+            leaked = (delta_a - delta_b) == (ring_a[name] - ring_b[name])
+            assert leaked.mean() < 0.01, name
+
+
+# -- never silently wrong: the ring check and errors that name the layer ---------------------------------
+def _build(ctx, plan, weights, options):
+    EncryptedModel(ctx, plan, weights if ctx.rank == 1 else None, **options)
+
+
+def test_one_huge_weight_is_refused_naming_the_layer_and_the_fix():
+    from bridge.errors import RingOverflowError
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 3)).eval()
+    with torch.no_grad():
+        model[3].weight[1, 5] = 1e12
+    converted = convert(model, (1, 8, 8))
+    with pytest.raises(RingOverflowError) as err:
+        mpc.run_local(_build, parties=2, args=(converted.plan, converted.weights, {}), timeout_s=30)
+    assert err.value.source == "3" and err.value.kind == "linear"
+    assert "1e+12" in str(err.value) and "rescale" in str(err.value)
+    # the same model with sane weights passes, and the check takes measured ranges too
+    from bridge.registry import Fixed
+    from bridge.sizing import check_ring, check_weights
+
+    sane = convert(resnet18(), (3, 32, 32))
+    check_weights(sane.plan, sane.weights, Fixed(12, 20, 22))
+    check_ring(sane.plan, sane.weights, Fixed(16, 20, 26), 512.0)
+    ranges = {name: 1e9 for name in [converted.plan.input_name, *(op.name for op in converted.plan.ops)]}
+    with pytest.raises(RingOverflowError, match="given value ranges"):
+        check_ring(converted.plan, {k: v * 0 + 1 for k, v in converted.weights.items()}, Fixed(12, 20, 22), ranges)
+
+
+class _Offset(torch.nn.Module):
+    def forward(self, x):
+        return torch.relu(x + 1e30)
+
+
+def test_an_engine_error_inside_an_op_names_the_layer():
+    from bridge.errors import EncryptedOpError
+
+    converted = convert(_Offset().eval(), (4,))
+    with pytest.raises(EncryptedOpError) as err:
+        mpc.run_local(_forward_once, parties=2, args=(converted.plan, converted.weights), timeout_s=30)
+    assert err.value.kind == "add_const" and err.value.op == "add"
+    assert isinstance(err.value.cause, mpc.EncodingRangeError) and err.value.__cause__ is err.value.cause
+    assert "encrypted layer add (add_const add) failed" in str(err.value)
+
+
+def _forward_once(ctx, plan, weights):
+    model = EncryptedModel(ctx, plan, weights if ctx.rank == 1 else None)
+    return model.predict(model.share_input(np.ones((1, 4)) if ctx.rank == 0 else None))
+
+
+def test_comparison_bound_counts_differences_and_shifts():
+    from bridge.plaintext import measure_ranges
+    from bridge.sizing import comparison_bound
+
+    class Compares(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.max_pool2d(torch.clamp(x, -1.0, 3.0) + x, 2).sigmoid()
+
+    converted = convert(Compares().eval(), (1, 4, 4))
+    x = np.zeros((1, 1, 4, 4))
+    x[0, 0, 0, 0], x[0, 0, 3, 3] = 50.0, -40.0
+    ranges = measure_ranges(converted.plan, converted.weights, x)
+    # clamp compares x - low, x - high: up to 50 + 3; the sum reaches 3 + 50 = 53, so the max-pool compares
+    # differences up to 2 * 53 (the bound counts both signs); the sigmoid compares its input + 16 <= 53 + 16
+    assert ranges["add"] == 53.0
+    assert comparison_bound(converted.plan, ranges) == 2 * 53.0
+    assert ranges[converted.plan.output] <= 1.0
+
+
+def _diverged(ctx, plan, weights):
+    if ctx.rank == 0:
+        ctx.private_ids(1)  # this party drew a mask id the other did not: their masks would not match
+    EncryptedModel(ctx, plan, weights if ctx.rank == 1 else None)
+
+
+def test_parties_whose_mask_ids_diverge_stop_instead_of_combining_wrong_masks():
+    converted = convert(torch.nn.Sequential(torch.nn.Linear(4, 2)).eval(), (4,))
+    with pytest.raises(ProtocolError, match="same order"):
+        mpc.run_local(_diverged, parties=2, args=(converted.plan, converted.weights), timeout_s=30)

@@ -13,7 +13,8 @@ from bridge.plaintext import run_plaintext
 from bridge.trace import convert
 from mpc.errors import ConfigError, UnsupportedModelError
 
-from .bridge_models import EveryOp, Preact, WithSoftmax, narrow_alexnet, narrow_vgg11, realistic, resnet18
+from .bridge_models import (EveryOp, Preact, WithSoftmax, narrow_alexnet, narrow_vgg11, randomize_zero_heads, realistic,
+                            resnet18, unet)
 
 
 def _check_plaintext(model: nn.Module, shape: tuple[int, ...], batch: int = 2, rtol: float = 1e-5):
@@ -24,12 +25,25 @@ def _check_plaintext(model: nn.Module, shape: tuple[int, ...], batch: int = 2, r
     out = run_plaintext(converted.plan, converted.weights, x.numpy(), final_softmax=True)
     assert out.shape == ref.shape
     np.testing.assert_allclose(out, ref, rtol=0, atol=rtol * max(1.0, np.abs(ref).max()))
+    assert len(converted.plan.digest()) == 64  # every record is plain data
     return converted
 
 
 @pytest.mark.parametrize(
     "name, size",
     [
+        ("squeezenet1_0", 64),
+        ("squeezenet1_1", 64),
+        ("googlenet", 64),
+        ("mobilenet_v3_small", 32),
+        ("efficientnet_b0", 32),
+        ("regnet_y_400mf", 32),
+        ("shufflenet_v2_x0_5", 32),
+        ("convnext_tiny", 32),
+        ("vit_b_16", 32),
+        ("swin_t", 32),
+        ("swin_v2_t", 32),
+        ("maxvit_t", 224),
         ("resnet18", 64),
         ("resnet50", 32),
         ("alexnet", 64),
@@ -41,7 +55,9 @@ def _check_plaintext(model: nn.Module, shape: tuple[int, ...], batch: int = 2, r
 )
 def test_torchvision_models_convert_and_match(name, size):
     torch.manual_seed(0)
-    model = realistic(torchvision.models.get_model(name, weights=None, num_classes=7))
+    extra = {"image_size": size} if name.startswith("vit") else \
+        {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    model = randomize_zero_heads(realistic(torchvision.models.get_model(name, weights=None, num_classes=7, **extra)))
     converted = _check_plaintext(model, (3, size, size), rtol=1e-4)
     assert converted.plan.output_shape == (7,)
 
@@ -91,6 +107,13 @@ def test_avg_pool_padding_divisors(kwargs):
     _check_plaintext(model, (2, 9, 8))
 
 
+def test_unet_converts_with_both_decoders_and_keeps_the_output_shape():
+    converted = _check_plaintext(unet(in_channels=2, classes=4), (2, 32, 24))
+    assert converted.plan.output_shape == (4, 32, 24)
+    counts = converted.plan.counts()
+    assert counts["conv_transpose2d"] == 1 and counts["resize"] == 1 and counts["cat"] == 2
+
+
 def test_final_softmax_is_lifted_out():
     model = WithSoftmax().eval()
     converted = _check_plaintext(model, (1, 8, 8))  # final_softmax=True reproduces the probabilities
@@ -108,18 +131,53 @@ def test_plan_digest_identifies_the_architecture():
 
 
 # -- what is refused, and how ----------------------------------------------------------
-class _Gelu(nn.Module):
+class _Several(nn.Module):
+    """Five different blockers, each depending on the one before it."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.fc = nn.Linear(4, 4)
+        self.lstm = nn.LSTM(8, 8, batch_first=True)
+        self.fc = nn.Linear(8, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
 
     def forward(self, x):
-        return F.gelu(self.fc(x))
+        y, _ = self.lstm(x)
+        z = torch.erf(self.fc(y))
+        a, _ = self.attn(z, z, z, attn_mask=torch.zeros(5, 5))
+        w = a / a.sum(-1, keepdim=True)
+        return torch.cumsum(w, 1)
 
 
-class _Scaled(nn.Module):
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(8, 8, batch_first=True)
+        self.fc = nn.Linear(8, 3)
+
     def forward(self, x):
-        return x * 2
+        out, (h, c) = self.lstm(x)
+        return self.fc(out[:, -1])
+
+
+class _Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+
+    def forward(self, x):
+        return self.layer(x).mean(1)
+
+
+class _MaskedAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.ModuleList(nn.MultiheadAttention(8, 2, batch_first=True) for _ in range(12))
+        self.register_buffer("mask", torch.zeros(5, 5))
+
+    def forward(self, x):
+        for layer in self.attn:
+            x = x + layer(x, x, x, attn_mask=self.mask)[0]
+        return x
 
 
 class _Branchy(nn.Module):
@@ -129,30 +187,52 @@ class _Branchy(nn.Module):
         return -x
 
 
-def test_unsupported_module_names_path_op_and_supported_list():
-    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Sigmoid())).eval()
+def _refusal(model: nn.Module, shape: tuple[int, ...]) -> UnsupportedModelError:
     with pytest.raises(UnsupportedModelError) as err:
-        convert(model, (4,))
-    message = str(err.value)
-    assert "Sigmoid" in message and "1.0" in message and "Supported:" in message and "Conv2d" in message
-    assert err.value.module == "1.0" and err.value.op == "Sigmoid"
+        convert(model.eval(), shape)
+    return err.value
 
 
-@pytest.mark.parametrize("model, what", [(_Gelu(), "gelu"), (_Scaled(), "mul")])
-def test_unsupported_functions_are_named(model, what):
-    with pytest.raises(UnsupportedModelError, match=what):
-        convert(model.eval(), (4,))
+def test_unsupported_module_names_path_op_and_supported_list():
+    err = _refusal(nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Softplus())), (4,))
+    message = str(err)
+    assert "Softplus" in message and "1.0" in message and "Supported:" in message and "Conv2d" in message
+    assert err.module == "1.0" and err.op == "Softplus"
+
+
+def test_every_blocker_is_named_at_once_with_its_source_line():
+    err = _refusal(_Several(), (5, 8))
+    message = str(err)
+    assert [b.what for b in err.blockers] == ["LSTM", "erf", "MultiheadAttention", "truediv", "cumsum"]
+    assert "recurrent layer (LSTM)" in message and "multi-head attention with attn_mask" in message
+    assert "division by an encrypted tensor" in message and "getitem" not in message
+    lines = [b.line for b in err.blockers]
+    assert all(line.startswith("test_bridge_trace.py:") for line in lines) and len(set(lines)) == 5
+    assert all(b.fix for b in err.blockers)  # each says what to do
+
+
+def test_a_recurrent_model_is_named_as_recurrent_not_getitem():
+    err = _refusal(_Recurrent(), (5, 8))
+    assert len(err.blockers) == 1 and err.op == "LSTM"
+    assert "recurrent layer (LSTM) is not supported" in str(err) and "getitem" not in str(err)
+
+
+def test_attention_is_named_as_attention():
+    err = _refusal(_Encoder(), (5, 8))
+    assert "attention in torch.nn.TransformerEncoderLayer" in str(err) and "MultiheadAttention" in str(err)
+    err = _refusal(_MaskedAttention(), (5, 8))
+    assert "multi-head attention with attn_mask" in str(err) and "and 6 more" in str(err)  # 12 places, one line
+
+
+def test_same_blocker_in_many_places_is_one_line_listing_them():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Softplus(), nn.Linear(4, 4), nn.Softplus())
+    err = _refusal(model, (4,))
+    assert len(err.blockers) == 2 and str(err).count("Softplus at") == 1 and "1, 3" in str(err)
 
 
 def test_untraceable_model_is_refused_clearly():
     with pytest.raises(UnsupportedModelError, match="torch.fx cannot trace"):
         convert(_Branchy().eval(), (4,))
-
-
-def test_max_pool_ceil_mode_is_refused():
-    model = nn.Sequential(nn.MaxPool2d(3, 2, ceil_mode=True)).eval()
-    with pytest.raises(UnsupportedModelError, match="ceil_mode"):
-        convert(model, (1, 8, 8))
 
 
 def test_training_mode_and_bad_shapes_are_config_errors():
