@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+import bridge
 import mpc
 from bridge.ops.activations import ERROR_BOUNDS
 from bridge.plaintext import measure_ranges, run_plaintext
@@ -34,10 +35,13 @@ def run_both(model: nn.Module, x: torch.Tensor, *, act_bits: int | None = None):
     converted = convert(model, tuple(x.shape[1:]))
     x_np = x.numpy().astype(np.float64)
     act = act_bits or default_act_bits(converted.plan)
-    bound = comparison_bound(converted.plan, measure_ranges(converted.plan, converted.weights, x_np))
+    ranges = measure_ranges(converted.plan, converted.weights, x_np)
+    bound = comparison_bound(converted.plan, ranges)
     bits = max(comparison_bits_for(act), comparison_bits_for(act, 2 * bound))
+    reach = {name: 2 * value for name, value in ranges.items()}  # the owner's ring check, as infer_local does
     enc, _ = mpc.run_local(_program, parties=2, args=(converted.plan, converted.weights, x_np,
-                                                      {"act_bits": act, "comparison_bits": bits}))
+                                                      {"act_bits": act, "comparison_bits": bits,
+                                                       "activation_bound": reach}))
     plain = run_plaintext(converted.plan, converted.weights, x_np)
     with torch.no_grad():
         ref = model(x).double().numpy()
@@ -206,6 +210,26 @@ def test_normalisations():
             p.add_(torch.randn(p.shape) * 0.1)
     converted, _, _ = check(model, _batch(2, 3, 6, 6))
     assert converted.plan.counts()["layer_norm"] == 5
+
+
+@pytest.mark.parametrize("std", [0.01, 30.0])
+def test_layer_norm_of_rows_with_a_small_or_a_large_spread(std):
+    """Rows of a transformer's residual stream can have a variance of 1e-4 or of a thousand: both within the
+    tolerance (the variance keeps 8 extra bits; the row sum drops log2(n) bits before its product with 1/n)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LayerNorm(96), nn.Flatten(), nn.Linear(4 * 96, 3))
+    x = _batch(2, 4, 96) * std + 0.5 * std
+    converted, enc, ref = check(model, x)
+    assert converted.plan.counts()["layer_norm"] == 1
+
+
+def test_layer_norm_beyond_the_ring_is_refused_naming_the_layer():
+    """Rows too spread for the variance's fixed point: refused before anything runs, never a wrong result."""
+    from bridge.errors import RingOverflowError
+
+    model = nn.Sequential(nn.LayerNorm(96), nn.Flatten(), nn.Linear(4 * 96, 3)).eval()
+    with pytest.raises(RingOverflowError, match=r"\(layer_norm .*can reach 2\^6\d"):
+        bridge.infer_local(model, _batch(1, 4, 96) * 300.0)
 
 
 # -- attention -------------------------------------------------------------------------------------------------

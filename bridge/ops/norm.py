@@ -7,7 +7,9 @@ n values:
 
   mean = Σx / n               (local sum; one truncation of the row means)
   d = x - mean
-  var = Σ d² / n              (one Beaver product, its truncation, one truncation of the row sums;
+  var = Σ d² / n              (one Beaver product, its truncation; the row sums dropped by
+                               floor(log2 n) bits, so that their product with 1/n stays in the ring
+                               for var up to 2^17 at 20 bits; one truncation of that product;
                                kept at 8 more fractional bits than the activations, so that rows
                                of small values keep their precision)
   r = 1/sqrt(var + eps)       (mpc ``inv_sqrt``: comparisons [var >= 2^j] for the guess, in a
@@ -52,6 +54,11 @@ def inv_sqrt_exponents(act_bits: int, comparison_bits: int) -> list[int]:
     return list(range(-(act_bits + VARIANCE_EXTRA_BITS - 2), max(comparison_bits - 3 - act_bits, 1) + 1))
 
 
+def _divisor_shift(divisor: float) -> int:
+    """Bits dropped from a row's sum before its product with 1/divisor (floor(log2 divisor))."""
+    return int(math.floor(math.log2(divisor))) if divisor > 1 else 0
+
+
 def rsqrt_of_sum(squares: SharedTensor, axes: tuple[int, ...], divisor: int, eps: float) -> SharedTensor:
     """1/sqrt(Σ squares / divisor + eps) over ``axes`` (kept), for squares at twice the activation scale.
 
@@ -64,6 +71,9 @@ def rsqrt_of_sum(squares: SharedTensor, axes: tuple[int, ...], divisor: int, eps
     extra = min(VARIANCE_EXTRA_BITS, MAX_BITS - saved)
     fine = f + extra
     total = squares.rescale(fine).sum(axis=axes, keepdims=True)  # truncated one by one: headroom for long rows
+    shift = _divisor_shift(divisor)
+    if shift:  # Σ at fine - shift bits keeps var's precision (Σ = n var) and keeps Σ x 1/n inside the ring
+        total = total.rescale(fine - shift)
     mean = times_public(total, 1.0 / divisor).rescale(fine)
     exponents = inv_sqrt_exponents(f, saved)
     # inv_sqrt refuses inputs below 2^exponents[0] (its guess has nothing below): a row of (near) zeros, e.g. a
@@ -104,15 +114,19 @@ def _ln_secure(m: Any, op: Op, xs: list[Operand]) -> SharedTensor:
 
 def _ln_ring(op: Op, b: list[float], p: list[np.ndarray], f: Fixed) -> float:
     n = float(np.prod(op.shape[-int(op.attrs["dims"]):]))  # the row size (layer_norm keeps the shape)
-    return _squares_ring(n, 2 * b[0], f)
+    return _squares_ring(n, n, 2 * b[0], b[0] * b[0], f)  # |x - mean| <= 2 max|x|; var <= max|x|²
 
 
-def _squares_ring(n: float, value: float, f: Fixed) -> float:
-    """Ring magnitudes of a row's squares, their sum at the finer scale, and the normalised product."""
+def _squares_ring(n: float, divisor: float, value: float, mean_square: float, f: Fixed) -> float:
+    """Ring magnitudes of a row of n squares of values up to ``value``: each square, their sum at the finer
+    scale, that sum times 1/divisor (at most ``mean_square``; a public product's *result* sits at the factor's
+    extra bits), a row's mean, and the normalised product."""
     fine = f.act_bits + VARIANCE_EXTRA_BITS
+    per = factor_bits(1.0 / divisor)
     return max(ring_bits(value * value, 2 * f.act_bits),  # each square before its truncation
-               ring_bits(n * value * value, fine) + factor_bits(1.0 / n),  # Σ / n before its truncation
-               ring_bits(value / 2, f.act_bits + factor_bits(1.0 / n)),  # a mean before its truncation
+               ring_bits(n * value * value, fine),  # their sum
+               ring_bits(mean_square, fine - _divisor_shift(divisor) + per),  # Σ / divisor before its truncation
+               ring_bits(value / 2, f.act_bits + per),  # a mean before its truncation
                ring_bits(math.sqrt(n), 2 * f.act_bits + VARIANCE_EXTRA_BITS + 2))  # x r, |y| <= sqrt(n)
 
 
@@ -153,7 +167,7 @@ L2_NORMALIZE = OpKind(
     encrypted=_l2_secure,
     # the sum of squares of a row enters the guess's comparisons (as var does in layer_norm)
     compares=lambda op, r, out: 2 * _l2_row(op) * r[0] * r[0],
-    ring=lambda op, b, p, f: _squares_ring(_l2_row(op), b[0], f),
+    ring=lambda op, b, p, f: _squares_ring(_l2_row(op), 1, b[0], _l2_row(op) * b[0] * b[0], f),
     min_act_bits=20,
     torch=(TorchRule(("F.normalize",), _l2_rule),),
 )
