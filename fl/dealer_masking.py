@@ -46,7 +46,8 @@ from .errors import RoundFailed
 from .identity import SIGNATURE_BYTES, Directory, digest, verify_statement
 from .masks import RING_DTYPES, X25519_BYTES, agree_seed, apply_masks, encode_add, valid_x25519, x25519_public
 from .messages import PROTOCOL_VERSION, Message, check, check_map
-from .strategy import DEALER_LINK, Masker, NodeContext, RoundStart, RoundSum, SendTo, StagedAggregator, majority
+from .strategy import (DEALER_LINK, NodeContext, RoundStart, RoundSum, SendTo, StagedAggregator, StagedMasker,
+                       majority)
 
 __all__ = ["Kind", "DealerAggregator", "DealerMasker", "DealerRound", "dealer_seed"]
 
@@ -165,14 +166,6 @@ class DealerAggregator(StagedAggregator):
         return RoundFailed(rnd.start.number, rnd.stage, f"the dealer {reason}; aggregation.masking = 'dealer' "
                                                         "cannot go on without it")
 
-    def _expect(self, peer: str, msg: Message, stage: str) -> _HubRound:
-        rnd = self._r()
-        if rnd.stage != stage or peer not in rnd.waiting:
-            raise ProtocolError(peer, f"sent {msg.kind!r} it does not owe (stage {rnd.stage})")
-        if msg.header.get("round") != rnd.start.number:
-            raise ProtocolError(peer, f"{msg.kind} for round {msg.header.get('round')!r} during round {rnd.start.number}")
-        return rnd
-
     def receive(self, peer: str, msg: Message) -> list[SendTo]:
         if peer == DEALER_LINK:
             try:
@@ -218,22 +211,6 @@ class DealerAggregator(StagedAggregator):
             raise ProtocolError(peer, "sent a round key no agreement can use (a low-order X25519 point)")
         rnd.keys[peer] = entry
         rnd.waiting.discard(peer)
-        return self._advance()
-
-    def add_update(self, node: str, update: np.ndarray) -> list[SendTo]:
-        rnd = self._r()
-        if rnd.stage != "upload" or node not in rnd.waiting:
-            raise ProtocolError(node, f"sent an update it does not owe (stage {rnd.stage})")
-        dtype = RING_DTYPES[self.ring_bits]
-        if update.dtype != dtype or update.shape != (rnd.start.size,):
-            raise ProtocolError(node, f"masked update must be {dtype} of shape ({rnd.start.size},), got "
-                                      f"{update.dtype} {update.shape}")
-        if rnd.total is None:
-            rnd.total = update.copy()
-        else:
-            rnd.total += update
-        rnd.uploaded.add(node)
-        rnd.waiting.discard(node)
         return self._advance()
 
     def _on_signature(self, peer: str, msg: Message) -> list[SendTo]:
@@ -321,27 +298,15 @@ class _NodeRound:
     masks: np.ndarray | None = field(default=None, repr=False)
 
 
-class DealerMasker(Masker):
+class DealerMasker(StagedMasker):
     """A node's side: one mask per round, shared with the dealer whose key this node pinned."""
 
     kinds = frozenset({Kind.KEYS, Kind.ROSTER, Kind.SURVIVORS})
+    round_type = _NodeRound
 
     def __init__(self, context: NodeContext, *, size: int, frac_bits: int, ring_bits: int):
         self.ctx = context
         self.size, self.frac_bits, self.ring_bits = size, frac_bits, ring_bits
-        self._round: _NodeRound | None = None
-
-    def start_round(self, number: int) -> None:
-        if self._round is None or self._round.number != number:
-            self._round = _NodeRound(number)
-
-    def _expect(self, msg: Message, stage: str) -> _NodeRound:
-        rnd = self._round
-        if rnd is None or msg.header.get("round") != rnd.number:
-            raise ProtocolError("hub", f"{msg.kind} for round {msg.header.get('round')!r}, which is not running here")
-        if rnd.stage != stage:
-            raise ProtocolError("hub", f"sent {msg.kind!r} while this node's round is at stage {rnd.stage}")
-        return rnd
 
     def receive(self, msg: Message) -> tuple[list[Message], Callable[[], Any] | None]:
         if msg.kind == Kind.KEYS:

@@ -83,7 +83,7 @@ from .masks import (
     x25519_public,
 )
 from .messages import Message, check, check_map
-from .strategy import Masker, NodeContext, RoundStart, RoundSum, SendTo, StagedAggregator, majority
+from .strategy import NodeContext, RoundStart, RoundSum, SendTo, StagedAggregator, StagedMasker, majority
 
 __all__ = ["Kind", "PairwiseAggregator", "PairwiseMasker", "share_threshold"]
 
@@ -219,16 +219,6 @@ class PairwiseAggregator(StagedAggregator):
         header = {"round": start.number, "context": start.context, "min_nodes": start.min_nodes}
         return [SendTo(n, Message(Kind.KEYS, header)) for n in rnd.waiting]
 
-    def _expect(self, peer: str, msg: Message, stage: str) -> _HubRound:
-        rnd = self._r()
-        if rnd.stage != stage:
-            raise ProtocolError(peer, f"sent {msg.kind!r} while the round is at stage {rnd.stage}")
-        if peer not in rnd.waiting:
-            raise ProtocolError(peer, f"sent {msg.kind!r} it does not owe")
-        if msg.header.get("round") != rnd.start.number:
-            raise ProtocolError(peer, f"{msg.kind} for round {msg.header.get('round')!r} during round {rnd.start.number}")
-        return rnd
-
     def receive(self, peer: str, msg: Message) -> list[SendTo]:
         handler = {Kind.PUBLIC: self._on_public, Kind.SHARES: self._on_shares, Kind.SIGNATURE: self._on_signature,
                    Kind.REVEAL: self._on_reveal}.get(msg.kind)
@@ -310,22 +300,6 @@ class PairwiseAggregator(StagedAggregator):
         return sent + self._advance()
 
     # -- 3 uploads --------------------------------------------------------------------------
-
-    def add_update(self, node: str, update: np.ndarray) -> list[SendTo]:
-        rnd = self._r()
-        if rnd.stage != "upload" or node not in rnd.waiting:
-            raise ProtocolError(node, f"sent an update it does not owe (stage {rnd.stage})")
-        dtype = RING_DTYPES[self.ring_bits]
-        if update.dtype != dtype or update.shape != (rnd.start.size,):
-            raise ProtocolError(node, f"masked update must be {dtype} of shape ({rnd.start.size},), got "
-                                      f"{update.dtype} {update.shape}")
-        if rnd.total is None:
-            rnd.total = update.copy()
-        else:
-            rnd.total += update
-        rnd.uploaded.add(node)
-        rnd.waiting.discard(node)
-        return self._advance()
 
     def _close_uploads(self) -> list[SendTo]:
         rnd = self._r()
@@ -493,29 +467,17 @@ class _NodeRound:
     masks: np.ndarray | None = field(default=None, repr=False)
 
 
-class PairwiseMasker(Masker):
+class PairwiseMasker(StagedMasker):
     """A node's side (see the module docstring).  Refuses, with a :class:`ProtocolError` naming the problem,
     anything that would let the hub learn more than the sum."""
 
     kinds = frozenset({Kind.KEYS, Kind.ROSTER, Kind.SHARES_IN, Kind.SURVIVORS, Kind.SIGNATURES})
+    round_type = _NodeRound
 
     def __init__(self, context: NodeContext, *, size: int, frac_bits: int, ring_bits: int, neighbours: int):
         self.ctx = context
         self.size = size
         self.frac_bits, self.ring_bits, self.neighbours = frac_bits, ring_bits, neighbours
-        self._round: _NodeRound | None = None
-
-    def start_round(self, number: int) -> None:
-        if self._round is None or self._round.number != number:
-            self._round = _NodeRound(number)
-
-    def _expect(self, msg: Message, stage: str) -> _NodeRound:
-        rnd = self._round
-        if rnd is None or msg.header.get("round") != rnd.number:
-            raise ProtocolError("hub", f"{msg.kind} for round {msg.header.get('round')!r}, which is not running here")
-        if rnd.stage != stage:
-            raise ProtocolError("hub", f"sent {msg.kind!r} while this node's round is at stage {rnd.stage}")
-        return rnd
 
     def receive(self, msg: Message) -> tuple[list[Message], Callable[[], Any] | None]:
         handler = {Kind.KEYS: self._on_keys, Kind.ROSTER: self._on_roster, Kind.SHARES_IN: self._on_shares_in,

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
+from mpc.errors import ProtocolError
+
 from .aggregation import ServerOptimizer, round_weights
 from .errors import TooFewNodes
 from .messages import Message
@@ -198,10 +200,12 @@ class Aggregator(abc.ABC):
 
 
 class StagedAggregator(Aggregator):
-    """What the masked aggregators share: one round at a time in ``self._round`` (with ``start``, ``stage``
-    and ``waiting``), stages named as in their module docstrings, "upload" the one that waits for training."""
+    """What the masked aggregators share: one round at a time in ``self._round`` (with ``start``, ``stage``,
+    ``waiting``, ``total`` and ``uploaded``), stages named as in their module docstrings, "upload" the one that
+    waits for training; uploads are ring integers of ``ring_bits`` summed as they come."""
 
     _round: Any = None
+    ring_bits: int
 
     def _r(self) -> Any:
         assert self._round is not None, "no round is open"
@@ -227,6 +231,39 @@ class StagedAggregator(Aggregator):
 
     def train_fields(self, node: str) -> dict[str, Any]:
         return {"weight": self._r().start.weight(node)}
+
+    def _expect(self, peer: str, msg: Message, stage: str) -> Any:
+        """The open round, if ``peer`` owes ``msg`` at ``stage`` of it; else a ProtocolError naming why not."""
+        rnd = self._r()
+        if rnd.stage != stage:
+            raise ProtocolError(peer, f"sent {msg.kind!r} while the round is at stage {rnd.stage}")
+        if peer not in rnd.waiting:
+            raise ProtocolError(peer, f"sent {msg.kind!r} it does not owe")
+        if msg.header.get("round") != rnd.start.number:
+            raise ProtocolError(peer, f"{msg.kind} for round {msg.header.get('round')!r} during round {rnd.start.number}")
+        return rnd
+
+    def add_update(self, node: str, update: np.ndarray) -> list[SendTo]:
+        """Add a masked upload (ring integers of ``self.ring_bits``) to the round's running total."""
+        from .masks import RING_DTYPES
+
+        rnd = self._r()
+        if rnd.stage != "upload" or node not in rnd.waiting:
+            raise ProtocolError(node, f"sent an update it does not owe (stage {rnd.stage})")
+        dtype = RING_DTYPES[self.ring_bits]
+        if update.dtype != dtype or update.shape != (rnd.start.size,):
+            raise ProtocolError(node, f"masked update must be {dtype} of shape ({rnd.start.size},), got "
+                                      f"{update.dtype} {update.shape}")
+        if rnd.total is None:
+            rnd.total = update.copy()
+        else:
+            rnd.total += update
+        rnd.uploaded.add(node)
+        rnd.waiting.discard(node)
+        return self._advance()
+
+    def _advance(self) -> list[SendTo]:
+        raise NotImplementedError
 
     def _need(self, stage: str, remaining: list[str], threshold: int) -> None:
         """Fail the round when fewer than ``threshold`` nodes remain at ``stage``."""
@@ -399,6 +436,27 @@ class Masker(abc.ABC):
     @abc.abstractmethod
     def mask(self, update: np.ndarray, fields: Mapping[str, Any]) -> np.ndarray:
         """The upload for ``update`` (``fields``: the round's train message header)."""
+
+
+class StagedMasker(Masker):
+    """A masker whose node-side round moves through named stages: one round at a time, each message checked
+    against the round it names and the stage it belongs to.  ``round_type(number)`` makes a round with
+    ``.number`` and ``.stage``."""
+
+    round_type: Callable[[int], Any]
+    _round: Any = None
+
+    def start_round(self, number: int) -> None:
+        if self._round is None or self._round.number != number:
+            self._round = type(self).round_type(number)
+
+    def _expect(self, msg: Message, stage: str) -> Any:
+        rnd = self._round
+        if rnd is None or msg.header.get("round") != rnd.number:
+            raise ProtocolError("hub", f"{msg.kind} for round {msg.header.get('round')!r}, which is not running here")
+        if rnd.stage != stage:
+            raise ProtocolError("hub", f"sent {msg.kind!r} while this node's round is at stage {rnd.stage}")
+        return rnd
 
 
 def build_aggregator(agg: "AggregationConfig", *, directory: "Directory", dealer_key: Any = None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import traceback
 from typing import Any, Callable
 
 from .comm import DEFAULT_TIMEOUT_S, Communicator, InProcessNetwork

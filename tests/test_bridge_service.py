@@ -59,7 +59,7 @@ def _run_folder(tmp_path: Path, model) -> Path:
 
 def test_same_named_files_in_two_folders_each_get_their_result(clinic, tmp_path, monkeypatch):  # noqa: F811
     model, weights, _ = clinic
-    run = _run_folder(tmp_path, model)
+    _run_folder(tmp_path, model)
     _png(tmp_path / "siteA" / "x.png", 10)
     _png(tmp_path / "siteB" / "x.png", 11)
     monkeypatch.chdir(tmp_path)  # relative arguments, as typed

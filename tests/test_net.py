@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import msgpack
@@ -658,7 +657,7 @@ def _free_ports(n):
 
 
 def _write_config(path: Path, ports, secret_file="federation.key", extra="") -> Path:
-    lines = [f'session = "cli-test"', f'secret_file = "{secret_file}"', "[timeouts]", "connect_s = 8",
+    lines = ['session = "cli-test"', f'secret_file = "{secret_file}"', "[timeouts]", "connect_s = 8",
              "recv_s = 60", extra]
     for i, port in enumerate(ports):
         role = 'role = "dealer"' if i == len(ports) - 1 else ""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 
 import msgpack
-import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import pytest
 
 from fl.demo import start_hub, wait_for_hub
-from fl.errors import RoundFailed
 
 from .fl_helpers import DealerProcess
 from .test_fl_federation import config, data, federation  # noqa: F401 - module fixtures: data, node processes

@@ -10,30 +10,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fl import shamir
 from fl.dealer_masking import DealerMasker
 from fl.dealer_masking import _key_statement as dealer_key_statement
 from fl.errors import RoundFailed, TooFewNodes
-from fl.graphs import holders
-from fl.identity import Directory, sign_statement
-from fl.masks import RING_DTYPES, decode_sum, prg_mask, x25519_from_seed
+from fl.identity import Directory
+from fl.masks import RING_DTYPES, decode_sum, prg_mask
 from fl.messages import Message
 from fl.pairwise import (
     Kind,
     PairwiseAggregator,
     PairwiseMasker,
     _key_statement,
-    _pair_seed,
-    _positions,
-    _sign_of,
-    _survivor_statement,
-    share_threshold,
 )
 from fl.strategy import NodeContext
-from mpc.errors import PrimiaError
 
-from .fl_helpers import directory, keys_dir, private_key, public_key, signer
-from .secagg_helpers import RUN_ID, SecAggRound, context_for
+from .fl_helpers import directory, keys_dir, public_key, signer
+from .secagg_helpers import RUN_ID, SecAggRound
 
 
 def updates_for(rng, names, size=512, scale=0.05):
