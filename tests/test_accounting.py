@@ -99,7 +99,7 @@ def test_matmul_and_conv2d(parties):
 @pytest.mark.parametrize("parties", PARTY_COUNTS)
 def test_comparisons_below_64_bits_and_the_check_at_reveal(parties):
     """ReLU in a 32-bit domain: the DReLU's figures, +16 B dealer per element for the domain
-    check's terms; the reveal first runs the check: 2 rounds, 16 B per lane per peer."""
+    check's terms (to party 0 with FSS, to party 1 with the generic protocol); the reveal first runs the check: 2 rounds, 16 B per lane per peer."""
     from mpc.fss import dcf
     from mpc.protocols.compare import bitwise_costs, tree_plan
     from mpc.protocols.zerocheck import strong_lanes
@@ -120,7 +120,7 @@ def test_comparisons_below_64_bits_and_the_check_at_reveal(parties):
             key = dcf.key_bytes(bits - 1)
             assert d["relu"]["rounds"] == 2
             assert d["relu"]["bytes_sent"] == 8 * n + -(-n // 8)
-            assert d["relu"]["dealer_bytes"] == n * (key + (8 * 2 + 16 if rank == 1 else 0))
+            assert d["relu"]["dealer_bytes"] == n * (key + (8 * 2 if rank == 1 else 16))
         else:  # generic
             plan = tree_plan(-(-(bits - 1) // 4))
             cost = bitwise_costs(bits, parties)

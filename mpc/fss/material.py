@@ -1,13 +1,15 @@
 """The dealer's material for the 2-party FSS comparison: one DCF key per element plus the masks.
 
 Seed compression: each party's root seed, its share of the mask r, its mask
-bits e and (party 0) its shares of delta, delta r, delta r_k come from its own
+bits e, (party 0) its shares of delta, delta r, delta r_k and (party 1) of R, eps come from its own
 dealer stream.  What crosses the network is only what cannot be drawn:
   - to both parties: the DCF correction words (identical in both keys),
     :func:`mpc.fss.dcf.key_bytes` (l - 1) bytes per element:
     16 (l - 8) + 4 or 8 + 16, i.e. 920 B for l = 64 and 404 B for l = 32;
-  - to party 1: its shares of delta, delta r (ReLU) and delta r_k, and for
-    l < 64 of R = r >> (l - 1) and eps (the overflow terms), 8 B each.
+  - to party 1: its shares of delta, delta r (ReLU) and delta r_k, 8 B each;
+  - to party 0, for l < 64: its shares of R = r >> (l - 1) and eps (the
+    overflow terms), 8 B each, so that both parties receive the same bytes
+    for a ReLU.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import numpy as np
 from ..dealer import Material, register_material
 from ..prg import Stream
 from ..protocols.drelu import (
-    INJECTION_RANK,
     MAX_COMPARE_ELEMENTS,
     InjectionMasks,
     assemble_injection,
@@ -58,6 +59,8 @@ class FssCompare(Material):
     """
 
     name = "cmp_fss"
+    #: both parties get a DCF key and party 1 the injection's corrections: the domain check's go to party 0
+    overflow_rank = 0
 
     def validate(self, params: dict[str, Any]) -> None:
         validate_compare_params(params)
@@ -67,7 +70,7 @@ class FssCompare(Material):
 
     def draw(self, rank: int, stream: Stream, params: dict[str, Any]) -> FssDraw:
         seed = dcf.random_seeds(stream.ring((params["n"], 2)).view(np.uint64))
-        return FssDraw(seed, draw_injection(rank, stream, params), None)
+        return FssDraw(seed, draw_injection(rank, stream, params, overflow_rank=self.overflow_rank), None)
 
     def deliveries(self, rank: int, params: dict[str, Any]) -> list[tuple[tuple[int, ...], Any]]:
         n, domain = params["n"], compared_bits(params["bits"], params.get("slack", 0))
@@ -76,7 +79,7 @@ class FssCompare(Material):
             ((n,), dcf.vcw_dtype(domain)),
             ((n, 2), np.uint64),
         ]
-        return key + injection_delivery(rank, params)
+        return key + injection_delivery(rank, params, overflow_rank=self.overflow_rank)
 
     def combine(self, draws: list[FssDraw], params: dict[str, Any]) -> dict[int, list[np.ndarray]]:
         if len(draws) != 2:
@@ -88,13 +91,15 @@ class FssCompare(Material):
         key = dcf.gen(alpha, compared_bits(bits, slack), draws[0].seed, draws[1].seed)
         words = [key.cw, key.vcw, key.leaf]
         out = {0: list(words), 1: list(words)}
-        out[INJECTION_RANK].append(injection_corrections([d.masks for d in draws], m, params))
+        for rank, corrections in injection_corrections([d.masks for d in draws], m, params,
+                                                        overflow_rank=self.overflow_rank).items():
+            out[rank].append(corrections)
         return out
 
     def assemble(self, rank: int, drawn: FssDraw, received: list[np.ndarray], params: dict[str, Any]) -> FssDraw:
         key = dcf.DcfKey(received[0], received[1], received[2])
-        extra = received[3] if rank == INJECTION_RANK else None
-        return FssDraw(drawn.seed, assemble_injection(rank, drawn.masks, extra, params), key)
+        return FssDraw(drawn.seed, assemble_injection(rank, drawn.masks, received, params,
+                                                            overflow_rank=self.overflow_rank), key)
 
 
 register_material(FssCompare())

@@ -47,8 +47,8 @@ def fss_costs(bits: int, *, with_x: bool = True, payloads: int = 0, slack: int =
     return {
         "rounds": 2,
         "bytes_sent": 8 + 8 * payloads + 1 / 8,
-        "dealer_bytes_party0": key,
-        "dealer_bytes_party1": key + injection_dealer_bytes(bits, with_x, payloads),
+        "dealer_bytes_party0": key + injection_dealer_bytes(0, bits, with_x, payloads, overflow_rank=FssCompare.overflow_rank),
+        "dealer_bytes_party1": key + injection_dealer_bytes(1, bits, with_x, payloads, overflow_rank=FssCompare.overflow_rank),
     }
 
 

@@ -149,8 +149,8 @@ def bitwise_costs(bits: int, parties: int, *, with_x: bool = True, payloads: int
     return {
         "rounds": 2 + len(plan.levels),
         "bytes_sent": (parties - 1) * (8 + 8 * payloads + (plan.opened_bits + 1) / 8),
-        "dealer_bytes_party0": 2 * plan.chunks + plan.and_gates / 8,
-        "dealer_bytes_party1": injection_dealer_bytes(bits, with_x, payloads),
+        "dealer_bytes_party0": 2 * plan.chunks + plan.and_gates / 8 + injection_dealer_bytes(0, bits, with_x, payloads, overflow_rank=BitwiseCompare.overflow_rank),
+        "dealer_bytes_party1": injection_dealer_bytes(1, bits, with_x, payloads, overflow_rank=BitwiseCompare.overflow_rank),
         "and_gates": plan.and_gates,
     }
 
@@ -191,6 +191,9 @@ class BitwiseCompare(Material):
     """
 
     name = "cmp_bitwise"
+    #: party 0 gets the tables and AND triples (17.4 B at l = 32), more than party 1's injection
+    #: corrections (16 B for a ReLU): the domain check's go to party 1
+    overflow_rank = INJECTION_RANK
 
     def validate(self, params: dict[str, Any]) -> None:
         validate_compare_params(params)
@@ -202,7 +205,7 @@ class BitwiseCompare(Material):
         n = params["n"]
         nb = _packed_bytes(n)
         plan = self._plan(params)
-        masks = draw_injection(rank, stream, params)
+        masks = draw_injection(rank, stream, params, overflow_rank=self.overflow_rank)
         tables = None if rank == 0 else _stream_array(stream, (plan.chunks, n), np.uint16)
         triples = []
         for t in range(len(plan.levels)):
@@ -218,8 +221,8 @@ class BitwiseCompare(Material):
         n = params["n"]
         plan = self._plan(params)
         if rank == 0:
-            return [((plan.chunks, n), np.uint16), ((plan.and_gates, _packed_bytes(n)), np.uint8)]
-        return injection_delivery(rank, params)
+            return [((plan.chunks, n), np.uint16), ((plan.and_gates, _packed_bytes(n)), np.uint8)] + injection_delivery(rank, params, overflow_rank=self.overflow_rank)
+        return injection_delivery(rank, params, overflow_rank=self.overflow_rank)
 
     def combine(self, draws: list[_BitwiseDraw], params: dict[str, Any]) -> dict[int, list[np.ndarray]]:
         bits, slack = params["bits"], params.get("slack", 0)
@@ -247,12 +250,14 @@ class BitwiseCompare(Material):
             c_rows.extend([c1, c2])
         packed = np.concatenate(c_rows) if c_rows else np.zeros((0, _packed_bytes(r.size)), np.uint8)
         out = {0: [tables, packed]}
-        out.setdefault(INJECTION_RANK, []).append(injection_corrections([d.masks for d in draws], m, params))
+        for rank, corrections in injection_corrections([d.masks for d in draws], m, params,
+                                                        overflow_rank=self.overflow_rank).items():
+            out.setdefault(rank, []).append(corrections)
         return out
 
     def assemble(self, rank: int, drawn: _BitwiseDraw, received: list[np.ndarray], params: dict[str, Any]) -> _BitwiseDraw:
         plan = self._plan(params)
-        masks = assemble_injection(rank, drawn.masks, received[-1] if rank == INJECTION_RANK else None, params)
+        masks = assemble_injection(rank, drawn.masks, received, params, overflow_rank=self.overflow_rank)
         if rank != 0:
             return drawn._replace(masks=masks)
         tables, packed = received[0], received[1]

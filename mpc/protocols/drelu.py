@@ -45,7 +45,8 @@ as b = Y mod 2.  |o| < 2^(K+2) <= 2^50, so o's value in Z_2^64 is that integer.
     as y^ is uniform), the term is o 2^D mod 2^64 = (y >> l) 2^l mod 2^64:
     0 exactly in the domain, of valuation at most 63 otherwise.
 o is linear in what the parties hold: Y^ is public, [R] and [eps] come from
-the dealer (16 B per element more, to party INJECTION_RANK only), [b] from
+the dealer (16 B per element more, to one party: the material's
+``overflow_rank``, the one with less dealer traffic), [b] from
 step 4, and [u] = q + (1 - 2q)[eps] with q = d XOR p public after step 3.
 No extra round.
 
@@ -112,7 +113,7 @@ MIN_COMPARED_BITS = 8
 #: (callers split larger batches: see mpc.nonlinear.drelu)
 MAX_COMPARE_ELEMENTS = 1 << 23
 MAX_PAYLOADS = 4096
-#: the party that receives the arithmetic corrections (delta, delta r, R, eps)
+#: the party that receives the arithmetic corrections of the injection (delta, delta r, delta r_k)
 INJECTION_RANK = 1
 #: public coin bytes derived from each opening (keys of the zero check's coefficients)
 COINS_BYTES = 16
@@ -237,36 +238,48 @@ class InjectionMasks(NamedTuple):
     eps: np.ndarray | None = None
 
 
-def draw_injection(rank: int, stream: Stream, params: dict[str, Any]) -> InjectionMasks:
+# Every function below takes the material's ``overflow_rank``: the party that receives the
+# corrections of the overflow terms (R, eps).  Each material picks the party its own key
+# material loads less, so that the domain check's 16 B per comparison balance the two.
+def draw_injection(rank: int, stream: Stream, params: dict[str, Any], *, overflow_rank: int) -> InjectionMasks:
     n, w, with_x = params["n"], params["payloads"], params["with_x"]
     r = stream.ring(n)
     rz = stream.ring((w, n))
     e = stream.bits(n)
+    masks = InjectionMasks(r, rz, e, None, None, None)
+    if rank != INJECTION_RANK:
+        masks = masks._replace(delta=stream.ring(n), delta_r=stream.ring(n) if with_x else None,
+                               delta_rz=stream.ring((w, n)))
+    if rank != overflow_rank and overflow_checked(params["bits"]):
+        masks = masks._replace(high=stream.ring(n), eps=stream.ring(n))
+    return masks
+
+
+def _correction_rows(rank: int, params: dict[str, Any], overflow_rank: int) -> int:
+    """Rows of corrections the dealer sends ``rank`` (the rest of its shares come from its seed)."""
+    rows = 0
     if rank == INJECTION_RANK:
-        return InjectionMasks(r, rz, e, None, None, None)
-    delta = stream.ring(n)
-    delta_r = stream.ring(n) if with_x else None
-    delta_rz = stream.ring((w, n))
-    if not overflow_checked(params["bits"]):
-        return InjectionMasks(r, rz, e, delta, delta_r, delta_rz)
-    return InjectionMasks(r, rz, e, delta, delta_r, delta_rz, stream.ring(n), stream.ring(n))
+        rows += 1 + int(params["with_x"]) + params["payloads"]
+    if rank == overflow_rank and overflow_checked(params["bits"]):
+        rows += 2
+    return rows
 
 
-def _injection_rows(params: dict[str, Any]) -> int:
-    return 1 + int(params["with_x"]) + params["payloads"] + 2 * int(overflow_checked(params["bits"]))
+def injection_dealer_bytes(rank: int, bits: int, with_x: bool, payloads: int, *, overflow_rank: int) -> int:
+    """Bytes per element party ``rank`` receives for the injection and the overflow terms."""
+    return 8 * _correction_rows(rank, {"with_x": with_x, "payloads": payloads, "bits": bits}, overflow_rank)
 
 
-def injection_dealer_bytes(bits: int, with_x: bool, payloads: int) -> int:
-    """Bytes per element party INJECTION_RANK receives for the injection (and the overflow terms)."""
-    return 8 * _injection_rows({"with_x": with_x, "payloads": payloads, "bits": bits})
+def injection_delivery(rank: int, params: dict[str, Any], *, overflow_rank: int) -> list[tuple[tuple[int, ...], Any]]:
+    """The one array (or nothing) ``rank`` receives; it goes last in a material's deliveries."""
+    rows = _correction_rows(rank, params, overflow_rank)
+    return [((rows, params["n"]), np.int64)] if rows else []
 
 
-def injection_delivery(rank: int, params: dict[str, Any]) -> list[tuple[tuple[int, ...], Any]]:
-    return [((_injection_rows(params), params["n"]), np.int64)] if rank == INJECTION_RANK else []
-
-
-def injection_corrections(draws: Sequence[InjectionMasks], m: np.ndarray, params: dict[str, Any]) -> np.ndarray:
-    """Dealer: party INJECTION_RANK's shares of delta = m XOR eps, delta r, delta r_k (and R, eps), one array."""
+def injection_corrections(draws: Sequence[InjectionMasks], m: np.ndarray, params: dict[str, Any], *,
+                          overflow_rank: int) -> dict[int, np.ndarray]:
+    """Dealer: INJECTION_RANK's shares of delta = m XOR eps, delta r, delta r_k, and
+    ``overflow_rank``'s of R and eps: one array per receiving party."""
     r = _sum(d.r for d in draws)
     eps = np.bitwise_xor.reduce([d.e for d in draws]).astype(np.int64)
     delta = (m ^ eps).astype(np.int64)
@@ -277,23 +290,29 @@ def injection_corrections(draws: Sequence[InjectionMasks], m: np.ndarray, params
     if params["payloads"]:
         rz = _sum(d.rz for d in draws)
         rows.extend(delta * rz - _sum(d.delta_rz for d in others))
+    out = {INJECTION_RANK: rows}
     if overflow_checked(params["bits"]):
+        others = [d for i, d in enumerate(draws) if i != overflow_rank]
         high = (r.view(_U64) >> _U64(params["bits"] - 1)).view(np.int64)
-        rows.append(high - _sum(d.high for d in others))
-        rows.append(eps - _sum(d.eps for d in others))
-    return np.stack(rows)
+        out.setdefault(overflow_rank, []).extend([high - _sum(d.high for d in others), eps - _sum(d.eps for d in others)])
+    return {rank: np.stack(part) for rank, part in out.items()}
 
 
-def assemble_injection(rank: int, drawn: InjectionMasks, received: np.ndarray | None, params: dict[str, Any]) -> InjectionMasks:
-    if rank != INJECTION_RANK:
+def assemble_injection(rank: int, drawn: InjectionMasks, received: list[np.ndarray], params: dict[str, Any], *,
+                       overflow_rank: int) -> InjectionMasks:
+    """``rank``'s masks from its seed draws and ``received``, its material's deliveries (the
+    injection's array, if any, is the last)."""
+    if not injection_delivery(rank, params, overflow_rank=overflow_rank):
         return drawn
-    row = iter(received)
-    delta = next(row)
-    delta_r = next(row) if params["with_x"] else None
-    delta_rz = np.stack([next(row) for _ in range(params["payloads"])]) if params["payloads"] else np.zeros((0, params["n"]), np.int64)
-    high = next(row) if overflow_checked(params["bits"]) else None
-    eps = next(row) if overflow_checked(params["bits"]) else None
-    return drawn._replace(delta=delta, delta_r=delta_r, delta_rz=delta_rz, high=high, eps=eps)
+    row = iter(received[-1])
+    if rank == INJECTION_RANK:
+        delta = next(row)
+        delta_r = next(row) if params["with_x"] else None
+        delta_rz = np.stack([next(row) for _ in range(params["payloads"])]) if params["payloads"] else np.zeros((0, params["n"]), np.int64)
+        drawn = drawn._replace(delta=delta, delta_r=delta_r, delta_rz=delta_rz)
+    if rank == overflow_rank and overflow_checked(params["bits"]):
+        drawn = drawn._replace(high=next(row), eps=next(row))
+    return drawn
 
 
 class Opened(NamedTuple):
