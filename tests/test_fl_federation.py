@@ -220,8 +220,8 @@ def test_a_node_pinned_to_another_hub_key_refuses_to_talk(federation, tmp_path, 
         hub = start_hub(config(federation, tmp_path, run={"rounds": 1}, federation={"connect_timeout_s": 30}))
         codes = node.wait(120)
         report = wait_for_hub(hub)  # the federation's own nodes still train
-    assert codes == {"alpha": 1}
     said = node.output("alpha")
+    assert codes == {"alpha": 1}, f"the node did not exit as refused (-999: still running); it said:\n{said[-4000:]}"
     assert "refused the connection: it belongs to another session or federation" in said and "--hub-key" in said
     assert report["rounds"][0]["included"] == list(NAMES)
     pinned = fingerprint(load_public_key(impostor_pin, what="pin")).hex()
