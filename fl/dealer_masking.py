@@ -47,7 +47,7 @@ from .identity import SIGNATURE_BYTES, Directory, digest, verify_statement
 from .masks import RING_DTYPES, X25519_BYTES, agree_seed, apply_masks, encode_add, valid_x25519, x25519_public
 from .messages import PROTOCOL_VERSION, Message, check, check_map
 from .strategy import (DEALER_LINK, NodeContext, RoundStart, RoundSum, SendTo, StagedAggregator, StagedMasker,
-                       majority)
+                       StagedRound, majority)
 
 __all__ = ["Kind", "DealerAggregator", "DealerMasker", "DealerRound", "dealer_seed"]
 
@@ -122,20 +122,8 @@ def _check_signed_roster(peer: str, keys: Any, run_id: str, number: int, context
 
 
 @dataclass
-class _HubRound:
-    start: RoundStart
-    stage: str = "keys"
-    waiting: set[str] = field(default_factory=set)
-    alive: set[str] = field(default_factory=set)
-    keys: dict[str, dict[str, bytes]] = field(default_factory=dict)
-    dealer: dict[str, bytes] | None = None
-    roster: list[str] = field(default_factory=list)
-    digest: bytes = b""
-    threshold: int = 2
-    total: np.ndarray | None = field(default=None, repr=False)
-    uploaded: set[str] = field(default_factory=set)
-    survivors: list[str] = field(default_factory=list)
-    signatures: dict[str, bytes] = field(default_factory=dict)
+class _HubRound(StagedRound):
+    dealer: dict[str, bytes] | None = None   # the dealer's signed round key
     mask_sum: np.ndarray | None = field(default=None, repr=False)
 
 

@@ -83,7 +83,8 @@ from .masks import (
     x25519_public,
 )
 from .messages import Message, check, check_map
-from .strategy import NodeContext, RoundStart, RoundSum, SendTo, StagedAggregator, StagedMasker, majority
+from .strategy import (NodeContext, RoundStart, RoundSum, SendTo, StagedAggregator, StagedMasker, StagedRound,
+                       majority)
 
 __all__ = ["Kind", "PairwiseAggregator", "PairwiseMasker", "share_threshold"]
 
@@ -169,22 +170,11 @@ def _check_entry(peer: str, owner: str, entry: Any) -> None:
 
 
 @dataclass
-class _HubRound:
-    start: RoundStart
-    stage: str = "keys"
-    waiting: set[str] = field(default_factory=set)
-    alive: set[str] = field(default_factory=set)
-    keys: dict[str, dict[str, bytes]] = field(default_factory=dict)
-    roster: list[str] = field(default_factory=list)           # R1
+class _HubRound(StagedRound):
+    # the roster (R1), survivors (U) and the survivors' signatures are StagedRound's
     graph: dict[str, frozenset[str]] = field(default_factory=dict)
-    digest: bytes = b""
-    threshold: int = 2
     shares: dict[str, dict[str, bytes]] = field(default_factory=dict)   # sender -> receiver -> ciphertext
     sharers: list[str] = field(default_factory=list)          # R2
-    total: np.ndarray | None = field(default=None, repr=False)
-    uploaded: set[str] = field(default_factory=set)
-    survivors: list[str] = field(default_factory=list)        # U
-    signatures: dict[str, bytes] = field(default_factory=dict)
     signers: list[str] = field(default_factory=list)
     self_shares: dict[str, dict[int, bytes]] = field(default_factory=dict)  # owner -> x -> share of b_owner
     key_shares: dict[str, dict[int, bytes]] = field(default_factory=dict)   # owner -> x -> share of m_owner

@@ -47,6 +47,8 @@ __all__ = [
     "RoundSum",
     "Aggregator",
     "StagedAggregator",
+    "StagedRound",
+    "StagedMasker",
     "Wrapper",
     "Weighted",
     "ServerStep",
@@ -199,12 +201,30 @@ class Aggregator(abc.ABC):
         pass
 
 
-class StagedAggregator(Aggregator):
-    """What the masked aggregators share: one round at a time in ``self._round`` (with ``start``, ``stage``,
-    ``waiting``, ``total`` and ``uploaded``), stages named as in their module docstrings, "upload" the one that
-    waits for training; uploads are ring integers of ``ring_bits`` summed as they come."""
+@dataclass
+class StagedRound:
+    """What every masked round keeps at the hub; each mode's round record adds its own fields."""
 
-    _round: Any = None
+    start: RoundStart
+    stage: str = "keys"
+    waiting: set[str] = field(default_factory=set)   # who owes a message at this stage
+    alive: set[str] = field(default_factory=set)
+    keys: dict[str, dict[str, bytes]] = field(default_factory=dict)   # node -> its signed round keys
+    roster: list[str] = field(default_factory=list)
+    digest: bytes = b""
+    threshold: int = 2
+    total: np.ndarray | None = field(default=None, repr=False)   # the running sum of the masked uploads
+    uploaded: set[str] = field(default_factory=set)
+    survivors: list[str] = field(default_factory=list)
+    signatures: dict[str, bytes] = field(default_factory=dict)   # node -> its signature on the survivor set
+
+
+class StagedAggregator(Aggregator):
+    """What the masked aggregators share: one round at a time in ``self._round``, stages named as in their
+    module docstrings, "upload" the one that waits for training; uploads are ring integers of ``ring_bits``
+    summed as they come."""
+
+    _round: StagedRound | None = None
     ring_bits: int
 
     def _r(self) -> Any:
