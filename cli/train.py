@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", required=True, metavar="FILE", help="federation config (TOML)")
     p.add_argument("--resume", action="store_true", help="continue the run in run.output_dir after its last round")
-    p.add_argument("--port-file", metavar="FILE", help="write the port the hub listens on to this file (JSON), "
+    p.add_argument("--port-file", metavar="FILE", help="write the port the hub listens on to this file (the number alone), "
                                                        "once it listens (for federation.listen with port 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=main)

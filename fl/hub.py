@@ -114,7 +114,7 @@ class Hub:
         resume: continue from ``output_dir/checkpoint.pt``.
         observer: called on sends, dropouts and completed rounds (progress, tests).
         progress: show a progress bar (default: when stderr is a terminal).
-        port_file: write the bound port here once the hub listens (JSON {"port", "pid"}).
+        port_file: write the bound port here (in decimal) once the hub listens.
     """
 
     def __init__(self, cfg: Config, *, resume: bool = False, observer: Observer | None = None,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import os
 import ssl
@@ -184,11 +183,11 @@ async def stay_connected(hub: str, identity: Identity, serve: Callable[[Channel]
 
 
 def port_file_writer(port_file: str | os.PathLike | None) -> Callable[[int], None]:
-    """``on_ready`` for a server: writes {"port", "pid"} to ``port_file`` atomically (nothing without one)."""
+    """``on_ready`` for a server: writes the bound port, in decimal and nothing else, to ``port_file`` atomically
+    (nothing without one), so that ``int(path.read_text())`` reads it."""
     def ready(bound: int) -> None:
         if port_file is not None:
-            atomic_write(Path(port_file), lambda fh: fh.write(json.dumps({"port": bound, "pid": os.getpid()})),
-                         mode="w")
+            atomic_write(Path(port_file), lambda fh: fh.write(f"{bound}\n"), mode="w")
 
     return ready
 

@@ -304,7 +304,7 @@ class HubProcess:
                 self.stop()
                 raise RuntimeError(f"the hub did not start: {self.log.read_text()[-3000:]}")
             time.sleep(0.05)
-        self.port = json.loads(port_file.read_text())["port"]
+        self.port = int(port_file.read_text())  # the number alone (the API contract)
 
     @property
     def uri(self) -> str:

@@ -412,8 +412,11 @@ def test_a_hostile_node_sending_an_impossible_array_is_dropped_at_once(federatio
 @pytest.mark.timeout(300)
 def test_a_flood_of_idle_connections_is_shed_while_the_federation_trains(federation, tmp_path):
     ensure_running(federation)
-    path = config(federation, tmp_path, run={"rounds": 2},
-                  federation={"handshake_timeout_s": 2, "max_unauthenticated": 16})
+    # a fourth configured node that never comes holds the hub in its start grace (5 s) while the flood's
+    # connections reach the handshake deadline (1 s), so that every one is closed by the deadline, not by
+    # the end of the run (which closes what is left with 1001)
+    path = config(federation, tmp_path, names=(*NAMES, "delta"), run={"rounds": 2},
+                  federation={"handshake_timeout_s": 1, "max_unauthenticated": 16, "start_grace_s": 5})
     hub = start_hub(path)
     codes = []
 
