@@ -84,6 +84,15 @@ def config(env, tmp_path, names=NAMES, **sections):
     return path
 
 
+def config_held_open(env, tmp_path, *, grace_s=5, **sections):
+    """A config whose hub stays up at least ``grace_s`` before round 1: a fourth configured node that never comes
+    holds it in its start grace.  A short run could otherwise end between two attempts of a process dialing
+    with backoff, which would then dial a hub that is gone (or, for idle connections, be closed by the end
+    of the run instead of the handshake deadline)."""
+    federation = {**sections.pop("federation", {}), "start_grace_s": grace_s}
+    return config(env, tmp_path, names=(*NAMES, "delta"), federation=federation, **sections)
+
+
 def model_state(report):
     return torch.load(report["outputs"]["model"], weights_only=True)
 
@@ -179,7 +188,7 @@ def test_an_unknown_key_is_refused_while_the_run_goes_on(federation, tmp_path, c
                  extra=["--reconnect-max-s", "0.5"])
     rogues.wait_for_output("alpha", "connecting to the hub")
     with caplog.at_level("WARNING", logger="primia.net.auth"):
-        hub = start_hub(config(federation, tmp_path, run={"rounds": 2}))
+        hub = start_hub(config_held_open(federation, tmp_path, run={"rounds": 2}))
         assert rogues.wait(120) == {"alpha": 1}
         report = wait_for_hub(hub)
     assert any("claiming to be 'alpha'" in r.getMessage() and "not the one configured" in r.getMessage()
@@ -197,7 +206,7 @@ def test_an_unknown_name_is_refused_and_logged_with_the_name_it_claimed(federati
                 extra=["--name", "mallory", "--reconnect-max-s", "0.5"])
     rogue.wait_for_output("alpha", "connecting to the hub")
     with caplog.at_level("WARNING", logger="primia.net.auth"):
-        hub = start_hub(config(federation, tmp_path, run={"rounds": 2}))
+        hub = start_hub(config_held_open(federation, tmp_path, run={"rounds": 2}))
         assert rogue.wait(120) == {"alpha": 1}
         report = wait_for_hub(hub)
     assert report["rounds"][-1]["included"] == list(NAMES)
@@ -217,7 +226,7 @@ def test_a_node_pinned_to_another_hub_key_refuses_to_talk(federation, tmp_path, 
                extra=["--reconnect-max-s", "0.5"])
     node.wait_for_output("alpha", "connecting to the hub")
     with caplog.at_level("WARNING"):
-        hub = start_hub(config(federation, tmp_path, run={"rounds": 1}, federation={"connect_timeout_s": 30}))
+        hub = start_hub(config_held_open(federation, tmp_path, run={"rounds": 1}, federation={"connect_timeout_s": 30}))
         codes = node.wait(120)
         report = wait_for_hub(hub)  # the federation's own nodes still train
     said = node.output("alpha")
@@ -412,11 +421,9 @@ def test_a_hostile_node_sending_an_impossible_array_is_dropped_at_once(federatio
 @pytest.mark.timeout(300)
 def test_a_flood_of_idle_connections_is_shed_while_the_federation_trains(federation, tmp_path):
     ensure_running(federation)
-    # a fourth configured node that never comes holds the hub in its start grace (5 s) while the flood's
-    # connections reach the handshake deadline (1 s), so that every one is closed by the deadline, not by
-    # the end of the run (which closes what is left with 1001)
-    path = config(federation, tmp_path, names=(*NAMES, "delta"), run={"rounds": 2},
-                  federation={"handshake_timeout_s": 1, "max_unauthenticated": 16, "start_grace_s": 5})
+    # the hub is held open 5 s while the flood's connections reach the 1 s handshake deadline
+    path = config_held_open(federation, tmp_path, run={"rounds": 2},
+                            federation={"handshake_timeout_s": 1, "max_unauthenticated": 16})
     hub = start_hub(path)
     codes = []
 
