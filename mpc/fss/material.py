@@ -1,8 +1,8 @@
 """The dealer's material for the 2-party FSS comparison: one DCF key per element plus the masks.
 
 Seed compression: each party's root seed, its share of the mask r, its mask
-bits e, (party 0) its shares of delta, delta r, delta r_k and (party 1) of R, eps come from its own
-dealer stream.  What crosses the network is only what cannot be drawn:
+bits e, (party 0) its shares of delta, delta r, delta r_k and (party 1) its
+shares of R, eps come from its own dealer stream.  What crosses the network is only what cannot be drawn:
   - to both parties: the DCF correction words (identical in both keys),
     :func:`mpc.fss.dcf.key_bytes` (l - 1) bytes per element:
     16 (l - 8) + 4 or 8 + 16, i.e. 920 B for l = 64 and 404 B for l = 32;
@@ -98,8 +98,8 @@ class FssCompare(Material):
 
     def assemble(self, rank: int, drawn: FssDraw, received: list[np.ndarray], params: dict[str, Any]) -> FssDraw:
         key = dcf.DcfKey(received[0], received[1], received[2])
-        return FssDraw(drawn.seed, assemble_injection(rank, drawn.masks, received, params,
-                                                            overflow_rank=self.overflow_rank), key)
+        masks = assemble_injection(rank, drawn.masks, received, params, overflow_rank=self.overflow_rank)
+        return FssDraw(drawn.seed, masks, key)
 
 
 register_material(FssCompare())
