@@ -47,7 +47,7 @@ from .identity import SIGNATURE_BYTES, Directory, digest, verify_statement
 from .masks import RING_DTYPES, X25519_BYTES, agree_seed, apply_masks, encode_add, valid_x25519, x25519_public
 from .messages import PROTOCOL_VERSION, Message, check, check_map
 from .strategy import (DEALER_LINK, NodeContext, RoundStart, RoundSum, SendTo, StagedAggregator, StagedMasker,
-                       StagedRound, majority)
+                       StagedRound, majority, survivor_statement, SIGNATURE_KIND)
 
 __all__ = ["Kind", "DealerAggregator", "DealerMasker", "DealerRound", "dealer_seed"]
 
@@ -60,7 +60,7 @@ class Kind:
     PUBLIC = "sa_public"
     ROSTER = "sa_roster"
     SURVIVORS = "sa_survivors"
-    SIGNATURE = "sa_signature"
+    SIGNATURE = SIGNATURE_KIND
     DEALER_KEYS = "dealer_keys"
     DEALER_KEY = "dealer_key"
     DEALER_ROSTER = "dealer_roster"
@@ -79,10 +79,6 @@ def _key_statement(run_id: str, number: int, context: bytes, name: str, key: byt
 
 def _dealer_statement(run_id: str, number: int, context: bytes, key: bytes) -> tuple:
     return ("dealer-key", run_id, number, context, key)
-
-
-def _survivor_statement(run_id: str, number: int, roster: bytes, survivors: list[str]) -> tuple:
-    return ("survivors", run_id, number, roster, sorted(survivors))
 
 
 def _roster_digest(run_id: str, number: int, context: bytes, keys: Mapping[str, bytes], dealer_key: bytes) -> bytes:
@@ -198,17 +194,6 @@ class DealerAggregator(StagedAggregator):
         if not valid_x25519(entry["mask_key"]):
             raise ProtocolError(peer, "sent a round key no agreement can use (a low-order X25519 point)")
         rnd.keys[peer] = entry
-        rnd.waiting.discard(peer)
-        return self._advance()
-
-    def _on_signature(self, peer: str, msg: Message) -> list[SendTo]:
-        rnd = self._expect(peer, msg, "consistency")
-        check(msg, peer, Kind.SIGNATURE, {"round": int, "signature": bytes})
-        start = rnd.start
-        if not verify_statement(self.directory.get(peer), msg.header["signature"],
-                                *_survivor_statement(start.run_id, start.number, rnd.digest, rnd.survivors)):
-            raise ProtocolError(peer, "its signature on the survivor set does not verify")
-        rnd.signatures[peer] = msg.header["signature"]
         rnd.waiting.discard(peer)
         return self._advance()
 
@@ -392,7 +377,7 @@ class DealerMasker(StagedMasker):
                                        f"{rnd.threshold}; the sum would expose too few updates")
         self.ctx.claim(rnd.number)  # the dealer answers only with these signatures: never twice per round of a run
         rnd.stage = "done"
-        signature = self.ctx.sign(*_survivor_statement(self.ctx.run_id, rnd.number, rnd.digest, survivors))
+        signature = self.ctx.sign(*survivor_statement(self.ctx.run_id, rnd.number, rnd.digest, survivors))
         return [Message(Kind.SIGNATURE, {"round": rnd.number, "signature": signature})]
 
 
@@ -493,7 +478,7 @@ class DealerRound:
                                        f"{self.threshold}")
         if not isinstance(signatures, Mapping):
             raise ProtocolError("hub", "unmask: signatures must be a map")
-        statement = _survivor_statement(self.run_id, self.round, self.digest, sorted(included))
+        statement = survivor_statement(self.run_id, self.round, self.digest, sorted(included))
         for signer, signature in signatures.items():
             if signer not in inc:
                 raise ProtocolError("hub", f"inconsistent views: a signature from {signer!r}, which is not included")

@@ -84,7 +84,7 @@ from .masks import (
 )
 from .messages import Message, check, check_map
 from .strategy import (NodeContext, RoundStart, RoundSum, SendTo, StagedAggregator, StagedMasker, StagedRound,
-                       majority)
+                       majority, survivor_statement, SIGNATURE_KIND)
 
 __all__ = ["Kind", "PairwiseAggregator", "PairwiseMasker", "share_threshold"]
 
@@ -100,7 +100,7 @@ class Kind:
     SHARES = "sa_shares"
     SHARES_IN = "sa_shares_in"
     SURVIVORS = "sa_survivors"
-    SIGNATURE = "sa_signature"
+    SIGNATURE = SIGNATURE_KIND
     SIGNATURES = "sa_signatures"
     REVEAL = "sa_reveal"
 
@@ -144,10 +144,6 @@ def _roster_digest(run_id: str, number: int, context: bytes, keys: Mapping[str, 
 
 def _key_statement(run_id: str, number: int, context: bytes, name: str, cipher: bytes, mask: bytes) -> tuple:
     return ("round-keys", run_id, number, context, name, cipher, mask)
-
-
-def _survivor_statement(run_id: str, number: int, roster: bytes, survivors: list[str]) -> tuple:
-    return ("survivors", run_id, number, roster, sorted(survivors))
 
 
 def _positions(roster: list[str]) -> dict[str, int]:
@@ -345,17 +341,6 @@ class PairwiseAggregator(StagedAggregator):
                 )
 
     # -- 4 consistency ----------------------------------------------------------------------
-
-    def _on_signature(self, peer: str, msg: Message) -> list[SendTo]:
-        rnd = self._expect(peer, msg, "consistency")
-        check(msg, peer, Kind.SIGNATURE, {"round": int, "signature": bytes})
-        start = rnd.start
-        statement = _survivor_statement(start.run_id, start.number, rnd.digest, rnd.survivors)
-        if not verify_statement(self.directory.get(peer), msg.header["signature"], *statement):
-            raise ProtocolError(peer, "its signature on the survivor set does not verify")
-        rnd.signatures[peer] = msg.header["signature"]
-        rnd.waiting.discard(peer)
-        return self._advance()
 
     def _close_consistency(self) -> list[SendTo]:
         rnd = self._r()
@@ -635,7 +620,7 @@ class PairwiseMasker(StagedMasker):
                                        "partner, who alone could open its update with the hub")
         rnd.survivors = sorted(survivors)
         rnd.stage = "signed"  # one survivor set per round; the reveal below is once per round of a run
-        signature = self.ctx.sign(*_survivor_statement(self.ctx.run_id, rnd.number, rnd.digest, rnd.survivors))
+        signature = self.ctx.sign(*survivor_statement(self.ctx.run_id, rnd.number, rnd.digest, rnd.survivors))
         return [Message(Kind.SIGNATURE, {"round": rnd.number, "signature": signature})], None
 
     # 5: check the others agree, then reveal
@@ -643,7 +628,7 @@ class PairwiseMasker(StagedMasker):
         rnd = self._expect(msg, "signed")
         check(msg, "hub", Kind.SIGNATURES, {"round": int, "signatures": dict})
         signatures = msg.header["signatures"]
-        statement = _survivor_statement(self.ctx.run_id, rnd.number, rnd.digest, rnd.survivors)
+        statement = survivor_statement(self.ctx.run_id, rnd.number, rnd.digest, rnd.survivors)
         for signer, signature in signatures.items():
             if signer not in rnd.survivors:
                 raise ProtocolError("hub", f"inconsistent views: a signature from {signer!r}, which is not among "

@@ -34,7 +34,8 @@ from mpc.errors import ProtocolError
 
 from .aggregation import ServerOptimizer, round_weights
 from .errors import TooFewNodes
-from .messages import Message
+from .identity import verify_statement
+from .messages import Message, check
 
 if TYPE_CHECKING:
     from .config import AggregationConfig
@@ -48,6 +49,8 @@ __all__ = [
     "Aggregator",
     "StagedAggregator",
     "StagedRound",
+    "survivor_statement",
+    "SIGNATURE_KIND",
     "StagedMasker",
     "Wrapper",
     "Weighted",
@@ -201,6 +204,16 @@ class Aggregator(abc.ABC):
         pass
 
 
+#: the consistency round's message, the same in every masked mode: a node's signature on the survivor set
+SIGNATURE_KIND = "sa_signature"
+
+
+def survivor_statement(run_id: str, number: int, roster: bytes, survivors: list[str]) -> tuple:
+    """What a node signs in the consistency round: the survivor set it was shown, bound to the run, the round
+    and the digest of the roster (and keys) it was shown."""
+    return ("survivors", run_id, number, roster, sorted(survivors))
+
+
 @dataclass
 class StagedRound:
     """What every masked round keeps at the hub; each mode's round record adds its own fields."""
@@ -225,6 +238,7 @@ class StagedAggregator(Aggregator):
     summed as they come."""
 
     _round: StagedRound | None = None
+    directory: "Directory"
     ring_bits: int
 
     def _r(self) -> Any:
@@ -280,6 +294,18 @@ class StagedAggregator(Aggregator):
             rnd.total += update
         rnd.uploaded.add(node)
         rnd.waiting.discard(node)
+        return self._advance()
+
+    def _on_signature(self, peer: str, msg: Message) -> list[SendTo]:
+        """A node's signature on the survivor set of the consistency stage, checked against its key."""
+        rnd = self._expect(peer, msg, "consistency")
+        check(msg, peer, SIGNATURE_KIND, {"round": int, "signature": bytes})
+        start = rnd.start
+        statement = survivor_statement(start.run_id, start.number, rnd.digest, rnd.survivors)
+        if not verify_statement(self.directory.get(peer), msg.header["signature"], *statement):
+            raise ProtocolError(peer, "its signature on the survivor set does not verify")
+        rnd.signatures[peer] = msg.header["signature"]
+        rnd.waiting.discard(peer)
         return self._advance()
 
     def _advance(self) -> list[SendTo]:
